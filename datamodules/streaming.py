@@ -1,0 +1,261 @@
+"""The one streaming data base every stage's DataModule derives from, and the ``prepare`` step that feeds it.
+
+``prepare`` turns Ke-SpeechChat dialogues (the built-in espeak-ng corpus by default, or a user's folder / JSON list /
+JSONL) into utterance-level litdata chunks, split into ``train`` and ``val`` by dialogue, plus a small bilingual BPE
+``tokenizer.json`` trained on the training transcripts. Everything is validated first (one clear error naming file,
+dialogue and field, or a counted report of skipped items with ``skip_invalid``) and written under temporary names,
+so an interrupted run never leaves chunks that look finished.
+
+``StreamingDataModule`` runs ``prepare`` if the chunks are missing, opens ``StreamingDataset``s and serves
+``StreamingDataLoader``s; Lightning stores the train loader's state in every checkpoint, so a resumed run continues
+at the same sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from litdata import StreamingDataLoader, StreamingDataset, optimize
+
+from datamodules.kespeechchat import Utterance, collect_utterances, load_audio
+
+log = logging.getLogger(__name__)
+
+STAMP = "prepared.json"
+SPLITS = ("train", "val")
+
+
+def chunks_dir(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / "chunks" / split
+
+
+def is_prepared(data_dir: str | Path) -> bool:
+    return (Path(data_dir) / STAMP).is_file()
+
+
+def utterance_item(u: Utterance, sample_rate: int) -> dict[str, Any]:
+    """One litdata item: the utterance's audio as int16 at ``sample_rate`` and its metadata.
+
+    Module level because ``litdata.optimize`` runs it in spawned worker processes.
+    """
+    audio = load_audio(u.audio_path, sample_rate, context=f"{u.source}: dialogue '{u.dialogue_id}' dialog[{u.turn}].audio_path")
+    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+    return {
+        "id": u.id,
+        "dialogue_id": u.dialogue_id,
+        "turn": u.turn,
+        "speaker": u.speaker,
+        "role": u.role,
+        "gender": u.gender,
+        "language": u.language,
+        "text": u.text,
+        "words": json.dumps(u.words or [], ensure_ascii=False),
+        "sample_rate": sample_rate,
+        "audio": pcm,
+    }
+
+
+class _ItemFn:
+    """Picklable ``fn`` for ``optimize`` carrying the sample rate."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+
+    def __call__(self, u: Utterance) -> dict[str, Any]:
+        return utterance_item(u, self.sample_rate)
+
+
+def split_of(dialogue_id: str, val_fraction: float) -> str:
+    """Deterministic split by dialogue (so no dialogue's sentences leak from train into val)."""
+    return "val" if zlib.crc32(dialogue_id.encode("utf-8")) % 10_000 < val_fraction * 10_000 else "train"
+
+
+def write_chunks(fn: Any, inputs: list[Any], out_dir: Path, *, workers: int, chunk_bytes: str = "64MB") -> None:
+    """``litdata.optimize`` into a temp folder renamed to ``out_dir`` when complete (atomic for readers)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache = out_dir.parent / ".cache"
+    os.environ.setdefault("DATA_OPTIMIZER_CACHE_FOLDER", str(cache / "chunks"))
+    os.environ.setdefault("DATA_OPTIMIZER_DATA_CACHE_FOLDER", str(cache / "data"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        optimize(fn=fn, inputs=inputs, output_dir=str(tmp), chunk_bytes=chunk_bytes,
+                 num_workers=max(1, min(workers, len(inputs))), mode="overwrite", verbose=False)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare(
+    out: str | Path,
+    source: str | Path | None = None,
+    *,
+    num_dialogues: int = 1200,
+    seed: int = 1234,
+    sample_rate: int = 22050,
+    max_duration: float = 30.0,
+    val_fraction: float = 0.06,
+    skip_invalid: bool = False,
+    tokenizer_vocab: int = 1000,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Validate dialogues and write ``out/chunks/{train,val}``, ``out/tokenizer.json`` and the ``out/prepared.json`` stamp.
+
+    Without ``source`` the built-in bilingual corpus is synthesised into ``out/corpus`` first.
+    Returns the stamp (counts and settings).
+    """
+    from datamodules.corpus import build_corpus
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        source = build_corpus(out / "corpus", num_dialogues=num_dialogues, seed=seed, sample_rate=sample_rate,
+                              workers=workers, progress=progress)
+    report = out / "rejected.jsonl"
+    utts = collect_utterances(source, sample_rate=sample_rate, max_duration=max_duration,
+                              skip_invalid=skip_invalid, report_path=report)
+    by_split: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
+    for u in utts:
+        by_split[split_of(u.dialogue_id, val_fraction)].append(u)
+    if not by_split["train"]:
+        raise ValueError(f"{source}: no utterances left for training after the train/val split")
+    if not by_split["val"]:  # tiny sources: hold out the last dialogue rather than validate on nothing
+        last = by_split["train"][-1].dialogue_id
+        by_split["val"] = [u for u in by_split["train"] if u.dialogue_id == last]
+        by_split["train"] = [u for u in by_split["train"] if u.dialogue_id != last] or by_split["val"]
+    (out / STAMP).unlink(missing_ok=True)
+    for split, items in by_split.items():
+        write_chunks(_ItemFn(sample_rate), items, chunks_dir(out, split), workers=workers)
+    tok_path = out / "tokenizer.json"
+    if not tok_path.is_file():
+        TextTokenizer.train([u.text for u in by_split["train"]], vocab_size=tokenizer_vocab).save(out)
+    stamp = {
+        "source": str(source),
+        "sample_rate": sample_rate,
+        "max_duration": max_duration,
+        "val_fraction": val_fraction,
+        "utterances": {s: len(v) for s, v in by_split.items()},
+        "hours": {s: round(sum(u.end - u.start for u in v) / 3600, 3) for s, v in by_split.items()},
+        "rejected_report": str(report) if report.exists() else None,
+    }
+    tmp = out / f".{STAMP}.tmp"
+    tmp.write_text(json.dumps(stamp, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / STAMP)
+    return stamp
+
+
+def pad_collate(examples: list[dict[str, Any]], pad_values: dict[str, float] | None = None) -> dict[str, Any]:
+    """Batch dicts: arrays/tensors are right-padded along their first axis (with ``<key>_lengths``), numbers become
+    tensors, anything else (ids, text) stays a list."""
+    batch: dict[str, Any] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        first = values[0]
+        if isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim >= 1:
+            tensors = [torch.as_tensor(v) for v in values]
+            lengths = torch.tensor([t.shape[0] for t in tensors])
+            out = tensors[0].new_full((len(tensors), int(lengths.max()), *tensors[0].shape[1:]), (pad_values or {}).get(key, 0))
+            for i, t in enumerate(tensors):
+                out[i, : t.shape[0]] = t
+            batch[key], batch[f"{key}_lengths"] = out, lengths
+        elif isinstance(first, (int, float, np.integer, np.floating)) and not isinstance(first, bool):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class StreamingDataModule(L.LightningDataModule):
+    """Base for every stage's DataModule: prepare-if-missing, ``StreamingDataset`` per split, ``StreamingDataLoader``.
+
+    Subclasses override ``transform`` (one raw item -> one example) and ``collate`` (examples -> batch).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/builtin",
+        source: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        seed: int = 1234,
+        num_dialogues: int = 1200,
+        sample_rate: int = 22050,
+        max_duration: float = 30.0,
+        val_fraction: float = 0.06,
+        skip_invalid: bool = False,
+    ) -> None:
+        """
+        Args:
+            data_dir: Folder of prepared chunks (``chunks/train``, ``chunks/val``, ``tokenizer.json``); built if missing.
+            source: Ke-SpeechChat dialogues to prepare into ``data_dir`` (folder, JSON list or JSONL); None = built-in corpus.
+            batch_size: Examples per batch and device.
+            num_workers: Loader worker processes (also used by ``prepare``).
+            seed: Seed of the built-in corpus and of the shuffling order.
+            num_dialogues: Size of the built-in corpus.
+            sample_rate: Sample rate audio is stored at in the chunks.
+            max_duration: Longest accepted clip in seconds; longer ones are an error (or a counted skip).
+            val_fraction: Fraction of dialogues held out for validation.
+            skip_invalid: Skip invalid dialogues/turns, listing each with its reason in ``data_dir/rejected.jsonl``.
+        """
+        super().__init__()
+        self.data_dir = data_dir
+        self.source = source
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.num_dialogues = num_dialogues
+        self.sample_rate = sample_rate
+        self.max_duration = max_duration
+        self.val_fraction = val_fraction
+        self.skip_invalid = skip_invalid
+        self.datasets: dict[str, StreamingDataset] = {}
+
+    def prepare_data(self) -> None:
+        if not is_prepared(self.data_dir):
+            prepare(self.data_dir, self.source, num_dialogues=self.num_dialogues, seed=self.seed,
+                    sample_rate=self.sample_rate, max_duration=self.max_duration, val_fraction=self.val_fraction,
+                    skip_invalid=self.skip_invalid, workers=max(1, self.num_workers))
+
+    def transform(self, item: dict[str, Any]) -> Any:
+        return item
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return pad_collate(examples)
+
+    def dataset(self, split: str) -> StreamingDataset:
+        path = chunks_dir(self.data_dir, split)
+        if not (path / "index.json").is_file():
+            raise FileNotFoundError(f"{path}: no litdata chunks (index.json); run `python -m lit_keomni prepare --out {self.data_dir}`")
+        return StreamingDataset(str(path), shuffle=split == "train", seed=self.seed, transform=self.transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self.dataset(split)
+
+    def _loader(self, split: str) -> StreamingDataLoader:
+        return StreamingDataLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
+                                   collate_fn=self.collate, drop_last=split == "train",
+                                   persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        return self._loader("val")

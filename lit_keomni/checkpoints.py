@@ -1,0 +1,252 @@
+"""The single door between stages: handoff folders, Hugging Face weight maps, atomic checkpoint files.
+
+An export folder holds ``config.json`` (kind, version, sizes), ``model.safetensors`` and, where relevant, the text
+tokenizer. The next stage names the folder in its recipe (``model.init_from: checkpoints/stage1/export``) and
+``load_export`` checks the kind and every size it depends on, saying which file and field mismatch. Folders are written
+under a temporary name and renamed, so a crash never leaves a half export that a later stage would load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+EXPORT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class LoadedExport:
+    """A loaded handoff folder: its metadata and its weights (on CPU)."""
+
+    path: Path
+    meta: dict[str, Any]
+    state_dict: dict[str, Tensor]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta["config"]
+
+
+def write_export(
+    out_dir: str | Path,
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, Tensor],
+    extra: Mapping[str, Any] | None = None,
+    files: Mapping[str, Callable[[Path], Any]] | None = None,
+) -> Path:
+    """Write ``out_dir`` atomically: everything goes to a sibling temp folder that replaces ``out_dir`` at the end.
+
+    ``files`` maps a description to a writer called with the temp folder (e.g. the tokenizer's ``save``).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        meta = {"kind": kind, "version": EXPORT_VERSION, "config": dict(config), **dict(extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for write in (files or {}).values():
+            write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_export_meta(path: str | Path, kind: str) -> dict[str, Any]:
+    """Read and check ``config.json`` of an export folder (kind and version), with errors naming the file and field."""
+    folder = Path(path)
+    cfg = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: export folder not found (expected a folder written by a '{kind}' stage)")
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg}: missing; {folder} is not an export folder")
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg}: damaged export config ({e})") from None
+    for field in ("kind", "version", "config"):
+        if field not in meta:
+            raise ValueError(f"{cfg}: field '{field}' missing")
+    if meta["kind"] != kind:
+        raise ValueError(f"{cfg}: field 'kind' is {meta['kind']!r}, expected {kind!r}")
+    if meta["version"] != EXPORT_VERSION:
+        raise ValueError(f"{cfg}: field 'version' is {meta['version']}, this lit-keomni reads version {EXPORT_VERSION}")
+    return meta
+
+
+def load_export(path: str | Path, kind: str, expect: Mapping[str, Any] | None = None) -> LoadedExport:
+    """Load an export of ``kind``; ``expect`` maps meta fields (top level or in ``config``) to required values."""
+    folder = Path(path)
+    meta = read_export_meta(folder, kind)
+    for field, want in (expect or {}).items():
+        found = meta.get(field, meta["config"].get(field))
+        if found != want:
+            raise ValueError(f"{folder / CONFIG_FILE}: field '{field}' is {found!r}, expected {want!r}")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing from export folder {folder}")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated/damaged files
+        raise ValueError(f"{weights}: damaged weights file ({e})") from None
+    return LoadedExport(folder, meta, state)
+
+
+def load_state_checked(module: torch.nn.Module, state: Mapping[str, Tensor], source: str, *, allow_missing: tuple[str, ...] = ()) -> None:
+    """``load_state_dict`` with one clear error listing missing/unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    problems = []
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in file, {tuple(v.shape)} in model" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing:
+        problems.append(f"missing {missing[:8]}{' …' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes[:8]))
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the model: " + " | ".join(problems))
+    module.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """config.json and all safetensors weights (single file or sharded with an index) of a local HF model folder."""
+    folder = Path(path)
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg}: missing; init_from must be a local Hugging Face model folder")
+    config = json.loads(cfg.read_text(encoding="utf-8"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / WEIGHTS_FILE).is_file():
+        shards = [WEIGHTS_FILE]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors are read)")
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(folder / shard)))
+    return config, state
+
+
+WHISPER_CONFIG_MAP = {
+    "d_model": "d_model",
+    "encoder_attention_heads": "n_head",
+    "encoder_ffn_dim": "ffn_dim",
+    "encoder_layers": "encoder_layers",
+    "decoder_layers": "decoder_layers",
+    "num_mel_bins": "n_mels",
+    "vocab_size": "vocab_size",
+    "max_source_positions": "max_source_positions",
+    "max_target_positions": "max_target_positions",
+}
+"""Hugging Face ``WhisperConfig`` field -> our ``SpeechTokenizerConfig`` field."""
+
+
+def whisper_from_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """HF ``WhisperModel``/``WhisperForConditionalGeneration`` weights -> ours (our names follow HF's)."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("model.")
+        if k == "proj_out.weight":  # tied to decoder.embed_tokens
+            continue
+        out[k] = v
+    return out
+
+
+def whisper_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Ours -> HF ``WhisperModel`` names (dropping the VQ and CTC head, which Whisper has not)."""
+    return {k: v for k, v in state.items() if not k.startswith(("encoder.quantizer.", "ctc_head."))}
+
+
+def check_hf_whisper_config(hf: Mapping[str, Any], ours: Mapping[str, Any], source: str) -> None:
+    for hf_field, our_field in WHISPER_CONFIG_MAP.items():
+        if hf_field in hf and hf[hf_field] != ours.get(our_field):
+            raise ValueError(f"{source}: field '{hf_field}' is {hf[hf_field]}, but model.config.{our_field} is {ours.get(our_field)}")
+
+
+# ---------------------------------------------------------------------------------------------------- Lightning
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temp file in the same folder, fsynced, then renamed over the target."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class Export(L.Callback):
+    """Writes the stage's handoff folder (``pl_module.export(dir)``) at the end of ``fit``, on global rank 0."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        """
+        Args:
+            dirpath: Export folder; None = the module's ``export_dir`` hyper-parameter.
+        """
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target = self.dirpath or pl_module.hparams.get("export_dir")
+        if target and trainer.is_global_zero and not trainer.sanity_checking:
+            path = pl_module.export(target)
+            print(f"exported {type(pl_module).__name__} to {path}")
+
+
+def load_speech_tokenizer(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Stage-1 export -> (``SpeechTokenizerModel`` in eval mode, its ``TextTokenizer``, export metadata)."""
+    from lit_keomni.configs import SpeechTokenizerConfig
+    from lit_keomni.nn.whisper import SpeechTokenizerModel
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    exp = load_export(path, "speech_tokenizer")
+    config = SpeechTokenizerConfig.from_dict(exp.config, source=str(exp.path / CONFIG_FILE))
+    model = SpeechTokenizerModel(config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    model.encoder.use_vq = bool(exp.meta.get("vq_active", config.vq))
+    tokenizer = TextTokenizer.from_file(exp.path / "tokenizer.json")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{exp.path / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, but "
+                         f"{exp.path / CONFIG_FILE} field 'vocab_size' is {config.vocab_size}")
+    return model.eval(), tokenizer, exp.meta

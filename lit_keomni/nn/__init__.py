@@ -1,0 +1,1 @@
+"""Network blocks, written once; no Lightning, no data."""

@@ -1,0 +1,96 @@
+"""``python -m lit_keomni tokenize``: run a stage-1 export over prepared utterances and write speech tokens as chunks.
+
+Input: a prepared data folder (``chunks/train``, ``chunks/val`` of utterances). Output: ``OUT/chunks/{train,val}`` with
+every utterance's metadata plus ``codes`` (int32, one token per 1/frame_rate s) and ``OUT/tokens.json`` naming the
+export, its frame rate and codebook size, which later stages check. Work is split into batches of utterances spread
+over worker processes; each split is written under a temporary name, so a killed run redoes only unfinished splits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from litdata import StreamingDataset
+
+from datamodules.streaming import SPLITS, chunks_dir, write_chunks
+from datamodules.tokenizer import asr_example
+from lit_keomni.checkpoints import load_speech_tokenizer
+from lit_keomni.nn.audio import LogMel
+
+STAMP = "tokens.json"
+
+
+class SpeechTokenEncoder:
+    """Audio (16 kHz) -> speech tokens with a stage-1 export; batches padded clips, runs encoder layers up to the VQ."""
+
+    def __init__(self, export: str | Path, device: str = "cpu") -> None:
+        self.model, self.text_tokenizer, self.meta = load_speech_tokenizer(export)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.logmel = LogMel(n_mels=self.model.config.n_mels).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, wavs: list[torch.Tensor]) -> list[np.ndarray]:
+        lengths = torch.tensor([len(w) for w in wavs])
+        audio = torch.zeros(len(wavs), int(lengths.max()))
+        for i, w in enumerate(wavs):
+            audio[i, : len(w)] = w
+        mel, mel_lengths = self.logmel(audio.to(self.device), lengths.to(self.device))
+        codes, code_lengths = self.model.encode_tokens(mel, mel_lengths)
+        return [c[:n].to(torch.int32).cpu().numpy() for c, n in zip(codes, code_lengths.tolist())]
+
+
+class _TokenizeJob:
+    """Picklable ``optimize`` fn: one job = a range of input indices, encoded in one batch."""
+
+    def __init__(self, export: str, input_dir: str, device: str) -> None:
+        self.export, self.input_dir, self.device = export, input_dir, device
+        self._encoder: SpeechTokenEncoder | None = None
+        self._dataset: StreamingDataset | None = None
+
+    def __call__(self, job: tuple[int, int]) -> Iterator[dict[str, Any]]:
+        if self._encoder is None:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+            self._encoder = SpeechTokenEncoder(self.export, self.device)
+            self._dataset = StreamingDataset(self.input_dir)
+        items = [self._dataset[i] for i in range(*job)]
+        codes = self._encoder([asr_example(it)["audio"] for it in items])
+        for it, c in zip(items, codes):
+            out = {k: v for k, v in it.items() if k != "audio"}
+            out["codes"] = c
+            yield out
+
+
+def tokenize(export: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32, workers: int = 1,
+             device: str = "cpu") -> dict[str, Any]:
+    """Encode every prepared split of ``data`` with ``export``; returns the ``tokens.json`` stamp."""
+    out = Path(out)
+    _, _, meta = load_speech_tokenizer(export)  # fail early, in this process, on a bad export
+    stamp_path = out / STAMP
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+    if stamp and stamp.get("export") != str(Path(export).resolve()):
+        stamp = {}
+    stamp.update({"export": str(Path(export).resolve()), "frame_rate_hz": meta["frame_rate_hz"],
+                  "codebook_size": meta["codebook_size"], "data": str(data)})
+    stamp.setdefault("splits", {})
+    for split in SPLITS:
+        src = chunks_dir(data, split)
+        if not (src / "index.json").is_file():
+            raise FileNotFoundError(f"{src}: no prepared chunks (run `python -m lit_keomni prepare --out {data}`)")
+        if split in stamp["splits"] and (chunks_dir(out, split) / "index.json").is_file():
+            continue  # finished by an earlier run
+        n = len(StreamingDataset(str(src)))
+        jobs = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        write_chunks(_TokenizeJob(str(Path(export).resolve()), str(src.resolve()), device), jobs, chunks_dir(out, split), workers=workers)
+        stamp["splits"][split] = n
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{STAMP}.tmp"
+        tmp.write_text(json.dumps(stamp, indent=2) + "\n")
+        os.replace(tmp, stamp_path)
+    return stamp

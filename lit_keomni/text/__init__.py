@@ -1,0 +1,1 @@
+"""Text side of the models: the bilingual tokenizer and its speech-token extension."""
