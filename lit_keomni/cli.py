@@ -50,7 +50,7 @@ def usage() -> str:
 class KeOmniCLI(LightningCLI):
     """LightningCLI with our defaults: any stage module/datamodule by ``class_path``, atomic checkpoint files."""
 
-    def __init__(self, args: list[str] | None = None) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
             model_class=None,
             datamodule_class=None,
@@ -60,6 +60,7 @@ class KeOmniCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "yaml"},
             args=args,
+            run=run,
         )
 
     def instantiate_trainer(self, **kwargs):  # type: ignore[override]

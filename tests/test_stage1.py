@@ -1,0 +1,122 @@
+"""Stage 1 end to end on a tiny model: learning, exact resume, export handoff, ``tokenize`` round trip."""
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from litdata import StreamingDataset
+
+from datamodules.tokenizer import TokenizerDataModule, asr_example
+from lit_keomni.checkpoints import AtomicCheckpointIO, Export, load_export, load_speech_tokenizer
+from lit_keomni.speech_tokens import SpeechTokenEncoder, tokenize
+from lit_keomni.stages.tokenizer import SpeechTokenizer
+
+TINY = dict(d_model=64, n_head=4, ffn_dim=128, encoder_layers=2, vq_position=1, decoder_layers=1, codebook_size=16)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.losses: dict[int, float] = {}
+        self.stop_at = stop_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if self.stop_at is not None and trainer.global_step >= self.stop_at:
+            trainer.should_stop = True
+
+
+def make(prepared, tmp_path, max_steps, callbacks, **model_kw):
+    L.seed_everything(3)
+    model = SpeechTokenizer(config="tiny", overrides=TINY, tokenizer=str(prepared / "tokenizer.json"), warmup_steps=2,
+                            vq_start=0.5, kmeans_batches=4, export_dir=str(tmp_path / "export"), **model_kw)
+    data = TokenizerDataModule(data_dir=str(prepared), batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        val_check_interval=max_steps, check_val_every_n_epoch=None, callbacks=callbacks,
+                        default_root_dir=str(tmp_path), plugins=[AtomicCheckpointIO()])
+    return model, data, trainer
+
+
+def test_resume_gives_identical_next_losses(prepared, tmp_path):
+    full = LossRecorder()
+    model, data, trainer = make(prepared, tmp_path / "a", 6, [full])
+    trainer.fit(model, data)
+
+    first = LossRecorder(stop_at=3)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, save_top_k=0, every_n_train_steps=3)
+    model, data, trainer = make(prepared, tmp_path / "b", 6, [first, ckpt])
+    trainer.fit(model, data)
+    assert (tmp_path / "b" / "last.ckpt").is_file()
+
+    resumed = LossRecorder()
+    model, data, trainer = make(prepared, tmp_path / "c", 6, [resumed])
+    trainer.fit(model, data, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):  # the VQ switches on at step 3: its k-means buffer came from the checkpoint
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+    assert model.model.encoder.use_vq
+
+
+def test_tiny_model_learns(prepared, tmp_path):
+    rec = LossRecorder()
+    model, data, trainer = make(prepared, tmp_path, 40, [rec], lr=3e-3, spec_augment=False, vq_start=0.0)
+    trainer.fit(model, data)
+    first, last = np.mean([rec.losses[s] for s in (1, 2, 3)]), np.mean([rec.losses[s] for s in (38, 39, 40)])
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.fixture(scope="module")
+def export_dir(prepared, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stage1")
+    model, data, trainer = make(prepared, tmp, 4, [Export()])
+    trainer.fit(model, data)
+    return tmp / "export"
+
+
+def test_export_folder_and_checks(export_dir, tmp_path):
+    meta = json.loads((export_dir / "config.json").read_text())
+    assert meta["kind"] == "speech_tokenizer" and meta["codebook_size"] == 16 and meta["frame_rate_hz"] == 12.5
+    assert (export_dir / "tokenizer.json").is_file() and (export_dir / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"config.json: field 'kind' is 'speech_tokenizer', expected 'text_to_token'"):
+        load_export(export_dir, "text_to_token")
+    with pytest.raises(ValueError, match=r"field 'codebook_size' is 16, expected 4096"):
+        load_export(export_dir, "speech_tokenizer", expect={"codebook_size": 4096})
+    with pytest.raises(FileNotFoundError, match="export folder not found"):
+        load_export(tmp_path / "nowhere", "speech_tokenizer")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((export_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="model.safetensors: damaged weights file"):
+        load_export(broken, "speech_tokenizer")
+
+
+def test_tokenize_round_trips_through_the_export(export_dir, prepared, tmp_path):
+    stamp = tokenize(export_dir, prepared, tmp_path / "tokens", batch_size=3, workers=1)
+    assert stamp["frame_rate_hz"] == 12.5 and set(stamp["splits"]) == {"train", "val"}
+    tokens = StreamingDataset(str(tmp_path / "tokens" / "chunks" / "val"))
+    source = StreamingDataset(str(prepared / "chunks" / "val"))
+    assert len(tokens) == len(source) == stamp["splits"]["val"]
+    by_id = {source[i]["id"]: source[i] for i in range(len(source))}
+    encoder = SpeechTokenEncoder(export_dir)
+    for i in range(len(tokens)):
+        item = tokens[i]
+        raw = by_id[item["id"]]
+        assert item["text"] == raw["text"]
+        expected = encoder([asr_example(raw)["audio"]])[0]
+        np.testing.assert_array_equal(item["codes"], expected)
+        # 12.5 Hz: one token per 1,280 samples at 16 kHz
+        n16k = len(asr_example(raw)["audio"])
+        assert abs(len(expected) - n16k / 1280) <= 1
+        assert expected.max() < 16
+    # a finished split is not redone
+    again = tokenize(export_dir, prepared, tmp_path / "tokens", batch_size=3, workers=1)
+    assert again["splits"] == stamp["splits"]
+
+
+def test_export_loads_standalone(export_dir):
+    model, tok, meta = load_speech_tokenizer(export_dir)
+    assert model.config.vocab_size == tok.vocab_size
+    assert not any(isinstance(m, L.LightningModule) for m in model.modules())
