@@ -623,3 +623,138 @@ def _align_words(text: str, language: str, events: list[tuple[int, int]], audio:
             times[k] = t0 + (t1 - t0) * (k - j) / (bounds[g + 1] - j)
         times[bounds[g + 1]] = t1
     return [Word(tok, round(times[k], 4), round(times[k + 1], 4)) for k, (_, _, tok) in enumerate(tokens)]
+
+
+# ===================================================================================================== the build
+_SPEAKERS = {s.id: s for s in [*USER_SPEAKERS, *AGENT_SPEAKERS.values()]}
+
+
+def _synth_task(task: tuple[str, str, str, str, int]) -> tuple[int, list[Word]]:
+    """Worker: speak one turn, write its wav (mono PCM_16); return its length in samples and its words."""
+    text, language, speaker_id, wav_path, sample_rate = task
+    audio, words = synthesize(text, language, _SPEAKERS[speaker_id])
+    if sample_rate != ESPEAK_SAMPLE_RATE:
+        resampled = soxr.resample(audio.astype(np.float32) / 32768, ESPEAK_SAMPLE_RATE, sample_rate)
+        audio = np.clip(np.round(resampled * 32768), -32768, 32767).astype(np.int16)
+    sf.write(wav_path, audio, sample_rate, subtype="PCM_16", format="WAV")
+    return len(audio), words
+
+
+def _stamp(seed: int, num_dialogues: int, sample_rate: int) -> dict:
+    return {"version": CORPUS_VERSION, "seed": seed, "num_dialogues": num_dialogues, "sample_rate": sample_rate}
+
+
+def build_corpus(out_dir: str | Path, *, num_dialogues: int = 1200, seed: int = 1234, sample_rate: int = 22050,
+                 workers: int = 2, progress: bool = True) -> Path:
+    """Synthesise the built-in corpus into `out_dir` (Ke-SpeechChat layout) and return `out_dir`.
+
+    Same seed, same bytes. Dialogues alternate English / Chinese and the two agents, users are drawn from
+    `USER_SPEAKERS`; turns follow one another on the dialogue timeline (user on channel 0, agent on channel 1).
+    If `out_dir` already holds a finished corpus with the same stamp it is returned as is; a different corpus, or a
+    folder that is not a corpus, raises ``ValueError`` rather than being overwritten.
+    """
+    out_dir = Path(out_dir)
+    stamp = _stamp(seed, num_dialogues, sample_rate)
+    stamp_path = out_dir / STAMP_NAME
+    if stamp_path.is_file():
+        found = json.loads(stamp_path.read_text(encoding="utf-8"))
+        if {k: found.get(k) for k in stamp} == stamp:
+            return out_dir
+        raise ValueError(f"{stamp_path}: holds another corpus ({ {k: found.get(k) for k in stamp} }, asked for {stamp});"
+                         " delete it or choose another out_dir")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir}: exists and is not a finished corpus (no {STAMP_NAME}); delete it or choose another")
+    if num_dialogues < 1:
+        raise ValueError(f"build_corpus: num_dialogues must be >= 1, got {num_dialogues}")
+
+    started = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        dialogues, tasks = _plan(tmp, seed, num_dialogues, sample_rate)
+        results = list(_run(tasks, workers, progress))
+        total_seconds = _assemble(dialogues, results, sample_rate)
+        for d in dialogues:
+            write_dialogue(d, d.source)
+        n_utts = len(tasks)
+        summary = {**stamp, "utterances": n_utts, "hours": round(total_seconds / 3600, 4),
+                   "languages": {lang: sum(d.channels[0]["language"] == lang for d in dialogues) for lang in ("en", "zh")},
+                   "espeakng_loader": package_version("espeakng-loader")}
+        write_dialogue(summary, tmp / STAMP_NAME)  # last: a folder with a stamp is complete
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); os.rename cannot replace a folder
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"built {num_dialogues} dialogues, {n_utts} utterances, {total_seconds / 3600:.2f} h of audio in "
+              f"{time.perf_counter() - started:.1f} s -> {out_dir}")
+    return out_dir
+
+
+def _plan(root: Path, seed: int, num_dialogues: int, sample_rate: int) -> tuple[list[Dialogue], list[tuple]]:
+    """Dialogues with texts, speakers and paths (times still zero) and one synthesis task per turn."""
+    rng = random.Random(f"speakers-{seed}")
+    dialogues, tasks = [], []
+    for i, (lang, texts) in enumerate(plan_texts(seed, num_dialogues)):
+        did = f"toy{i:05d}"
+        user = rng.choice(USER_SPEAKERS)
+        agent = AGENT_SPEAKERS[("agentFemale", "agentMale")[(i // 2) % 2]]  # both agents in any 4 dialogues
+        (root / did).mkdir()
+        turns = []
+        for t, text in enumerate(texts):
+            spk = (user, agent)[t % 2]
+            rel = f"{did}/{did}_{t}_{spk.id}.wav"
+            turns.append(Turn(channel=t % 2, speaker=spk.id, text=text, start=0.0, end=0.0, audio_path=rel))
+            tasks.append((text, lang, spk.id, str(root / rel), sample_rate))
+        dialogues.append(Dialogue(
+            id=did, speakers={s.id: {"role": role, "gender": s.gender} for s, role in ((user, "user"), (agent, "agent"))},
+            audio={"channel": 2, "duration": 0.0, "sample_rate": sample_rate},
+            channels=[{"channel_index": 0, "language": lang}, {"channel_index": 1, "language": lang}],
+            turns=turns, source=root / f"{did}.json"))
+    return dialogues, tasks
+
+
+def _run(tasks: list[tuple], workers: int, progress: bool) -> Iterator[tuple[int, list[Word]]]:
+    """Synthesise in order; with `workers` > 1 in a spawn pool (safe next to torch/CUDA in the parent)."""
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        bar = Progress("synthesising", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        bar.start()
+        job = bar.add_task("synth", total=len(tasks))
+    try:
+        if workers <= 1:
+            results = map(_synth_task, tasks)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            results = pool.imap(_synth_task, tasks, chunksize=16)
+        try:
+            for r in results:
+                if bar is not None:
+                    bar.advance(job)
+                yield r
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _assemble(dialogues: list[Dialogue], results: list[tuple[int, list[Word]]], sample_rate: int) -> float:
+    """Lay the turns end to end on each dialogue's timeline; return the total seconds of audio."""
+    it, total = iter(results), 0.0
+    for d in dialogues:
+        clock = 0.0
+        for turn in d.turns:
+            n, words = next(it)
+            turn.start, clock = round(clock, 6), clock + n / sample_rate
+            turn.end, turn.words = round(clock, 6), words
+        d.audio["duration"] = round(clock, 6)
+        total += clock
+    return total

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
 from lit_keomni.checkpoints import AtomicCheckpointIO
@@ -74,25 +74,41 @@ class KeOmniCLI(LightningCLI):
 def prepare_command(argv: list[str]) -> None:
     from datamodules.streaming import prepare
 
-    p = ArgumentParser(prog="python -m lit_keomni prepare", description="Validate Ke-SpeechChat dialogues and write litdata chunks.")
-    p.add_function_arguments(prepare, skip={"progress"})
-    p.add_argument("--source", type=str | None, default=None,
-                   help="Ke-SpeechChat data: folder of per-dialogue JSON, a JSON list, or JSONL; omit for the built-in corpus")
-    p.add_argument("--out", type=str, default="data/builtin", help="output folder (chunks/, tokenizer.json, prepared.json)")
-    cfg = p.parse_args(argv)
-    kwargs = {k: v for k, v in vars(cfg).items() if k not in ("out", "source", "__path__")}
-    stamp = prepare(cfg.out, cfg.source, **kwargs)
-    print(f"prepared {stamp['utterances']} utterances ({stamp['hours']} h) in {cfg.out}")
+    p = argparse.ArgumentParser(prog="python -m lit_keomni prepare",
+                                description="Validate Ke-SpeechChat dialogues (or build the built-in corpus) and write litdata chunks.")
+    p.add_argument("--source", default=None,
+                   help="your Ke-SpeechChat data: a folder of per-dialogue JSON, a JSON list, or JSONL (default: built-in corpus)")
+    p.add_argument("--out", default="data/builtin", help="output folder: chunks/{train,val}, tokenizer.json, prepared.json")
+    p.add_argument("--num-dialogues", type=int, default=1200, help="size of the built-in corpus")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the built-in corpus")
+    p.add_argument("--sample-rate", type=int, default=22050, help="rate audio is stored at (other rates are resampled)")
+    p.add_argument("--max-duration", type=float, default=30.0, help="longest accepted clip in seconds")
+    p.add_argument("--val-fraction", type=float, default=0.06, help="fraction of dialogues held out for validation")
+    p.add_argument("--tokenizer-vocab", type=int, default=1000, help="vocabulary of the BPE trained on the transcripts")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip invalid dialogues/turns, writing each with its reason to OUT/rejected.jsonl, instead of stopping")
+    a = p.parse_args(argv)
+    stamp = prepare(a.out, a.source, num_dialogues=a.num_dialogues, seed=a.seed, sample_rate=a.sample_rate,
+                    max_duration=a.max_duration, val_fraction=a.val_fraction, skip_invalid=a.skip_invalid,
+                    tokenizer_vocab=a.tokenizer_vocab, workers=a.workers)
+    print(f"prepared {stamp['utterances']} utterances ({stamp['hours']} h) in {a.out}")
 
 
 def tokenize_command(argv: list[str]) -> None:
     from lit_keomni.speech_tokens import tokenize
 
-    p = ArgumentParser(prog="python -m lit_keomni tokenize", description="Encode prepared audio into speech tokens.")
-    p.add_function_arguments(tokenize)
-    cfg = p.parse_args(argv)
-    stamp = tokenize(**{k: v for k, v in vars(cfg).items() if k != "__path__"})
-    print(f"wrote speech tokens ({stamp['frame_rate_hz']} Hz, {stamp['codebook_size']} codes) for {stamp['splits']} to {cfg.out}")
+    p = argparse.ArgumentParser(prog="python -m lit_keomni tokenize",
+                                description="Encode prepared utterances into speech tokens with a stage-1 export.")
+    p.add_argument("--export", required=True, help="stage-1 export folder (checkpoints/stage1/export)")
+    p.add_argument("--data", default="data/builtin", help="prepared data folder (from `prepare`)")
+    p.add_argument("--out", required=True, help="output folder: chunks/{train,val} with codes, tokens.json")
+    p.add_argument("--batch-size", type=int, default=32, help="utterances encoded per batch")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    a = p.parse_args(argv)
+    stamp = tokenize(a.export, a.data, a.out, batch_size=a.batch_size, workers=a.workers, device=a.device)
+    print(f"wrote speech tokens ({stamp['frame_rate_hz']} Hz, {stamp['codebook_size']} codes) for {stamp['splits']} to {a.out}")
 
 
 COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command}
