@@ -65,16 +65,19 @@ def pad_mel(mel: Tensor, frames: int) -> Tensor:
     return torch.cat([mel, fill], dim=2)
 
 
-def bench(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def bench(fns: list[Callable[[], object]], repeats: int, warmup: int = 2) -> list[float]:
+    """Median wall seconds of each ``fn()`` over ``repeats`` rounds after ``warmup`` rounds.
+
+    Rounds run every function once, in turn, so a load change on a shared machine hits all figures alike.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -98,8 +101,8 @@ def main() -> None:
         encoder_layers=cfg.encoder_layers, encoder_attention_heads=cfg.n_head, encoder_ffn_dim=cfg.ffn_dim,
         decoder_layers=cfg.decoder_layers, decoder_attention_heads=cfg.n_head, decoder_ffn_dim=cfg.ffn_dim,
         max_source_positions=cfg.max_source_positions, max_target_positions=cfg.max_target_positions,
-        pad_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
-        decoder_start_token_id=cfg.vocab_size - 2, attn_implementation="sdpa",
+        **{f"{k}_token_id": cfg.vocab_size - 1 for k in ("pad", "bos", "eos", "decoder_start")},
+        attn_implementation="sdpa",
     )
     hf = transformers.WhisperModel(hf_cfg).eval().get_encoder()
     logmel = LogMel(n_mels=cfg.n_mels)
@@ -112,8 +115,7 @@ def main() -> None:
     with torch.inference_mode():
         mel, mel_len = logmel(wav, lengths)
         mel30 = pad_mel(mel, full_frames)
-        n_ours = sum(x.numel() for x in ours.encoder.parameters())
-        n_hf = sum(x.numel() for x in hf.parameters())
+        n_ours, n_hf = (sum(x.numel() for x in m.parameters()) for m in (ours.encoder, hf))
 
         def tok(pad: bool) -> Callable[[], object]:
             def run() -> object:
@@ -131,17 +133,18 @@ def main() -> None:
             ("full encoder, as used", lambda: ours.encoder(mel, mel_len), lambda: hf(input_features=mel30)),
             ("full encoder, 30 s input", lambda: ours.encoder(mel30, mel_len), lambda: hf(input_features=mel30)),
         ]
-        results = [(name, bench(f_ours, a.repeats), bench(f_hf, a.repeats)) for name, f_ours, f_hf in rows]
-        t_mel = bench(lambda: logmel(wav, lengths), a.repeats)
-        t_enc = bench(lambda: ours.encode_tokens(mel, mel_len), a.repeats)
-        t_enc30 = bench(lambda: ours.encode_tokens(mel30, mel_len), a.repeats)
+        extra = [lambda: logmel(wav, lengths), lambda: ours.encode_tokens(mel, mel_len),
+                 lambda: ours.encode_tokens(mel30, mel_len)]
+        t = bench([f for _, f_ours, f_hf in rows for f in (f_ours, f_hf)] + extra, a.repeats)
+        results = [(name, t[2 * i], t[2 * i + 1]) for i, (name, _, _) in enumerate(rows)]
+        t_mel, t_enc, t_enc30 = t[-3:]
 
     print(f"CPU: {cpu_model()}  |  torch threads: {torch.get_num_threads()}  |  torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print(f"config {a.preset!r}: d_model={cfg.d_model} heads={cfg.n_head} ffn={cfg.ffn_dim} mels={cfg.n_mels} "
           f"layers={cfg.encoder_layers} (VQ after {cfg.vq_position}, pool {cfg.pool}, block "
           f"{cfg.block_seconds} s, causal conv {cfg.causal_conv}); encoder params ours {n_ours / 1e6:.2f} M, "
-          f"HF {n_hf / 1e6:.2f} M")
+          f"HF {n_hf / 1e6:.2f} M (incl. its position table)")
     print(f"audio: {a.batch} clips × {a.seconds:g} s at {SR} Hz = {audio_s:g} s; median of {a.repeats} runs; "
           f"× real time = {audio_s:g} s / wall s (padding not counted)\n")
     print(f"{'comparison':<26}{'ours ms':>10}{'ours ×RT':>11}{'HF ms':>10}{'HF ×RT':>10}{'ours/HF':>9}")

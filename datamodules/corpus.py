@@ -161,7 +161,8 @@ FACT_Q = {"en": {"colour": ["What is {name}'s favourite colour?", "Which colour 
                  "job": ["What does {name} do for work?", "What is {name}'s job?", "What job does {name} have?"],
                  "hobby": ["What does {name} like to do?", "What is {name}'s hobby?",
                            "How does {name} spend free time?"],
-                 "age": ["How old is {name}?", "What is {name}'s age?", "Can you tell me how old {name} is?"]},
+                 "age": ["How old is {name} this year?", "Do you know how old {name} is?",
+                         "Can you tell me how old {name} is?"]},
           "zh": {"colour": ["{name}最喜欢什么颜色？", "{name}喜欢哪种颜色？", "你知道{name}最喜欢的颜色吗？"],
                  "pet": ["{name}养了什么宠物？", "{name}家里有什么动物？", "{name}有宠物吗？"],
                  "food": ["{name}喜欢吃什么？", "{name}最爱吃的东西是什么？", "{name}平时爱吃什么？"],
@@ -281,7 +282,7 @@ STORIES = {"en": [
     ("{name}跑完步以后很渴。", "{Pron}喝了一大杯凉水。", "{Pron}吃了一勺干盐。"),
     ("{name}明天有一个大考试。", "所以{pron}整个晚上都在认真复习。", "所以{pron}把所有的书都扔进了河里。"),
     ("{name}起晚了，公交车马上就要开了。", "{Pron}拼命跑去赶车。", "{Pron}又回到床上睡了三个小时。"),
-    ("{name}在花园里种了一些种子。", "几个星期以后，{poss}种子长出了绿色的小苗。", "几个星期以后，{poss}种子变成了小鱼。"),
+    ("{name}在花园里种了种子。", "几周以后，{poss}种子长出了小苗。", "几周以后，{poss}种子变成了小鱼。"),
     ("一个来自{city}的朋友来看{name}。", "{Pron}泡了茶，两个人聊了好几个小时。", "{Pron}锁上门，躲到了桌子下面。"),
     ("{name}看见一位老爷爷的包掉了。", "{Pron}捡起包，还给了老爷爷。", "{Pron}笑着把包踢走了。"),
     ("{name}想去市场买一些{food}。", "{Pron}付了钱，把东西带回了家。", "{Pron}用树叶付钱，坐着云朵飞回了家。"),
@@ -425,10 +426,19 @@ def _draw(world, lang, rng, used: set[str], ctx: dict, tries: int = 40) -> tuple
     for attempt in range(tries):
         gen = gens[0] if gens and attempt < tries // 2 else rng.choices(fresh, weights)[0]
         q, a, new_ctx = gen(world, lang, rng, ctx)
-        if q not in used and a not in used and q != a:
+        if q not in used and a not in used and q != a and _fits(q, lang) and _fits(a, lang):
             used.update((q, a))
             return q, a, new_ctx
     raise RuntimeError(f"toy world exhausted: no unused {lang} sentence after {tries} tries; ask for fewer dialogues")
+
+
+_UNITS = {"en": (5, 18), "zh": (7, 26)}
+"""Words (en) / characters (zh) per utterance: about 1-8 s of espeak-ng speech at the speakers' rates."""
+
+
+def _fits(text: str, lang: str) -> bool:
+    lo, hi = _UNITS[lang]
+    return lo <= len(split_words(text, lang)) <= hi
 
 
 def plan_texts(seed: int, num_dialogues: int) -> list[tuple[str, list[str]]]:
@@ -495,7 +505,7 @@ class Speaker:
         return f"{'cmn' if language == 'zh' else self.english}+{self.variant}"
 
 
-_USER_VARIANTS = {"male": "m1 m2 m4 m5 m6 m7 Andy Lee Denis Marco michel antonio sandro victor".split(),
+_USER_VARIANTS = {"male": "m1 m2 m4 m5 m6 m7 Andy Lee Denis michel antonio sandro victor".split(),
                   "female": "f1 f3 f4 f5 Alicia Andrea Annie anika aunty belinda linda steph3".split()}
 _ENGLISH = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en")
 
@@ -512,7 +522,7 @@ def _user_speakers() -> list[Speaker]:
 
 
 USER_SPEAKERS = _user_speakers()
-"""Voice variant x pitch x rate: 520 user speakers, each with a fixed English accent."""
+"""Voice variant x pitch x rate: 500 user speakers, each with a fixed English accent (Marco, too slow, is left out)."""
 # The agents' variants are not among the users': one vocoder is trained per agent voice, and it should be theirs.
 AGENT_SPEAKERS = {"agentFemale": Speaker("agentFemale", "female", "f2", 50, 170, "en-us"),
                   "agentMale": Speaker("agentMale", "male", "m3", 45, 170, "en-us")}

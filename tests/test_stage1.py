@@ -29,8 +29,8 @@ class LossRecorder(L.Callback):
 
 def make(prepared, tmp_path, max_steps, callbacks, **model_kw):
     L.seed_everything(3)
-    model = SpeechTokenizer(config="tiny", overrides=TINY, tokenizer=str(prepared / "tokenizer.json"), warmup_steps=2,
-                            vq_start=0.5, kmeans_batches=4, export_dir=str(tmp_path / "export"), **model_kw)
+    kw = {"warmup_steps": 2, "vq_start": 0.5, "kmeans_batches": 4, "export_dir": str(tmp_path / "export"), **model_kw}
+    model = SpeechTokenizer(config="tiny", overrides=TINY, tokenizer=str(prepared / "tokenizer.json"), **kw)
     data = TokenizerDataModule(data_dir=str(prepared), batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,

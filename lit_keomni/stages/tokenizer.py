@@ -63,6 +63,16 @@ def spec_augment(mel: Tensor, lengths: Tensor, gen: torch.Generator, freq_masks:
     return mel
 
 
+def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
+    # Checkpoints load with weights_only=True, which admits tensors but not numpy arrays.
+    name, keys, pos, has_gauss, gauss = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+
+
+def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
+    return state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]
+
+
 class SpeechTokenizer(L.LightningModule):
     """Trains ``SpeechTokenizerModel`` on ASR; exports the handoff folder used by ``tokenize`` and stage 2."""
 
@@ -290,7 +300,7 @@ class SpeechTokenizer(L.LightningModule):
         checkpoint["use_vq"] = bool(self.model.encoder.use_vq)
         checkpoint["kmeans_feats"] = self._kmeans_feats
         checkpoint["rng"] = {
-            "aug": self.aug_gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "aug": self.aug_gen.get_state(), "torch": torch.get_rng_state(), "numpy": _numpy_state_to_torch(np.random.get_state()),
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -303,7 +313,7 @@ class SpeechTokenizer(L.LightningModule):
         if rng:
             self.aug_gen.set_state(rng["aug"])
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
             random.setstate(rng["python"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
