@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -181,7 +182,7 @@ def pad_collate(examples: list[dict[str, Any]], pad_values: dict[str, float] | N
 class StreamingDataModule(L.LightningDataModule):
     """Base for every stage's DataModule: prepare-if-missing, ``StreamingDataset`` per split, ``StreamingDataLoader``.
 
-    Subclasses override ``transform`` (one raw item -> one example) and ``collate`` (examples -> batch).
+    Subclasses set ``transform`` (one raw item -> one example) and ``collate`` (examples -> batch) to plain functions.
     """
 
     def __init__(
@@ -229,11 +230,12 @@ class StreamingDataModule(L.LightningDataModule):
                     sample_rate=self.sample_rate, max_duration=self.max_duration, val_fraction=self.val_fraction,
                     skip_invalid=self.skip_invalid, workers=max(1, self.num_workers))
 
-    def transform(self, item: dict[str, Any]) -> Any:
-        return item
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_collate(examples)
+    # Plain module-level functions, not bound methods: loader workers may be spawned, and pickling a bound method
+    # would drag the whole DataModule (and its Trainer) into every worker.
+    transform: Callable[[dict[str, Any]], Any] | None = None
+    """One raw chunk item -> one example (runs in the loader workers)."""
+    collate: Callable[[list[Any]], Any] = staticmethod(pad_collate)
+    """Examples -> batch."""
 
     def dataset(self, split: str) -> StreamingDataset:
         path = chunks_dir(self.data_dir, split)

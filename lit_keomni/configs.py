@@ -125,3 +125,105 @@ class SpeechTokenizerConfig(_Registered):
 def config_dict(config: Any) -> dict[str, Any]:
     """Plain dict of a config's init fields (for ``config.json`` and hyper-parameters)."""
     return config.to_dict() if isinstance(config, _Registered) else asdict(config)
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""Keys of a ``rope_scaling`` dict with ``rope_type: llama3`` (Llama-3.1's frequency-dependent RoPE stretch)."""
+
+
+@dataclass
+class TransformerConfig(_Registered):
+    """Decoder-only LM of the Llama/GLM family (``nn/transformer.py``): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    The same network serves the text-to-token model, the speech LM and, with ``causal=False``, the non-autoregressive
+    stages (duration predictor, unit generator)."""
+
+    vocab_size: int = 512
+    """Real vocabulary (text tokens; speech tokens are added later with ``resize_token_embeddings``)."""
+    n_layer: int = 2
+    """Number of decoder blocks."""
+    n_embd: int = 64
+    """Hidden size (width of the residual stream)."""
+    n_head: int = 4
+    """Query heads per attention layer; head_dim = n_embd // n_head."""
+    n_kv_head: int = 2
+    """Key/value heads; n_head // n_kv_head query heads share one (GQA; GLM calls this the attention group count)."""
+    intermediate_size: int = 172
+    """Hidden size of the SwiGLU feed-forward layer (gate and up projections)."""
+    rope_base: float = 10000.0
+    """RoPE base θ (Llama-2 and GLM-4: 10,000; Llama-3: 500,000)."""
+    rotary_dim_fraction: float = 1.0
+    """Fraction of each head's dimensions that is rotated (GLM-4: 0.5, the first half; the rest passes unrotated)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling; only ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` (Llama-3.1) is supported; None = plain RoPE."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    bias: bool = False
+    """Bias on the query/key/value projections (GLM-4's add_qkv_bias; no bias on the output projection or MLP)."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output head."""
+    block_size: int = 256
+    """Longest sequence (prompt + generation) the model is used with; caps the KV cache."""
+    causal: bool = True
+    """Causal self-attention; False = bidirectional (non-autoregressive stages; key padding via attention_mask)."""
+    padded_vocab_multiple: int = 64
+    """Embedding and head rows are padded to a multiple of this (faster matmuls); padded logits are never sampled."""
+
+    padded_vocab_size: int = dataclasses.field(init=False, default=0)
+    """vocab_size rounded up to a multiple of padded_vocab_multiple."""
+    head_dim: int = dataclasses.field(init=False, default=0)
+    """Width of one attention head (n_embd // n_head)."""
+    rotary_dim: int = dataclasses.field(init=False, default=0)
+    """Rotated dimensions per head (head_dim * rotary_dim_fraction, even)."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(vocab_size=512, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=172, block_size=256),
+        # Seed 003 Table 12 (text-to-token) = Table 13 "1.5B" column: head size 128, attention group size 4, vocab 59,264
+        # without speech tokens. Same GLM architecture as the 9B model, so qkv bias and half-rotary as GLM-4.
+        "text-to-token-1.5b": dict(
+            vocab_size=59264, n_layer=28, n_embd=2048, n_head=16, n_kv_head=4, intermediate_size=6144,
+            rope_base=10000.0, rotary_dim_fraction=0.5, bias=True, block_size=8192,
+        ),
+        # Seed 003 Table 13 "9B" column = GLM-4-9B-Base (multi_query_group_num 2, add_qkv_bias, rotary on half of each
+        # head, layernorm_epsilon 1.5625e-7, untied output layer).
+        "glm-4-voice-9b": dict(
+            vocab_size=151552, n_layer=40, n_embd=4096, n_head=32, n_kv_head=2, intermediate_size=13696,
+            rope_base=10000.0, rotary_dim_fraction=0.5, norm_eps=1.5625e-7, bias=True, block_size=8192,
+        ),
+        "llama-3.1-8b": dict(
+            vocab_size=128256, n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, intermediate_size=14336,
+            rope_base=500000.0, norm_eps=1e-5, block_size=131072,
+            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192),
+        ),
+    }
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "block_size",
+                      "padded_vocab_multiple"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{name}: field '{field}' is {getattr(self, field)}, must be >= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{name}: field 'n_embd' ({self.n_embd}) is not divisible by field 'n_head' ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"{name}: field 'n_head' ({self.n_head}) is not divisible by field 'n_kv_head' "
+                             f"({self.n_kv_head}); grouped-query attention needs whole groups")
+        self.head_dim = self.n_embd // self.n_head
+        if not 0.0 < self.rotary_dim_fraction <= 1.0:
+            raise ValueError(f"{name}: field 'rotary_dim_fraction' is {self.rotary_dim_fraction}, must lie in (0, 1]")
+        self.rotary_dim = int(self.head_dim * self.rotary_dim_fraction)
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"{name}: field 'rotary_dim_fraction' ({self.rotary_dim_fraction}) of head_dim "
+                             f"{self.head_dim} gives {self.rotary_dim} rotated dims; must be even and >= 2")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind != "llama3":
+                raise ValueError(f"{name}: field 'rope_scaling.rope_type' is {kind!r}; only 'llama3' is supported")
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"{name}: field 'rope_scaling' lacks {missing} (llama3 needs {list(LLAMA3_ROPE_KEYS)})")
+            self.rope_scaling = {"rope_type": "llama3", **{k: self.rope_scaling[k] for k in LLAMA3_ROPE_KEYS}}
+        m = self.padded_vocab_multiple
+        self.padded_vocab_size = -(-self.vocab_size // m) * m

@@ -206,6 +206,9 @@ class ASRDecoder(nn.Module):
         self.embed_positions = nn.Embedding(c.max_target_positions, c.d_model)
         self.layers = nn.ModuleList(DecoderLayer(c.d_model, c.n_head, c.ffn_dim, c.dropout) for _ in range(c.decoder_layers))
         self.layer_norm = nn.LayerNorm(c.d_model)
+        # Whisper's init: the tied output layer reads these rows, so unit-variance rows would start with huge logits.
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+        nn.init.normal_(self.embed_positions.weight, std=0.02)
 
     def forward(self, tokens: Tensor, memory: Tensor, memory_lengths: Tensor) -> Tensor:
         L = tokens.shape[1]
