@@ -225,6 +225,13 @@ class StreamingDataModule(L.LightningDataModule):
         self.datasets: dict[str, StreamingDataset] = {}
 
     def prepare_data(self) -> None:
+        # Building data (which may construct models, e.g. for ``tokenize``) must not shift the training RNG:
+        # a run that had to build its data and one that found it ready start from the same initial weights.
+        with torch.random.fork_rng(devices=[]):
+            self.build_missing()
+
+    def build_missing(self) -> None:
+        """Create whatever this module reads and is missing (run once, on local rank 0, by ``prepare_data``)."""
         if not is_prepared(self.data_dir):
             prepare(self.data_dir, self.source, num_dialogues=self.num_dialogues, seed=self.seed,
                     sample_rate=self.sample_rate, max_duration=self.max_duration, val_fraction=self.val_fraction,
@@ -237,8 +244,12 @@ class StreamingDataModule(L.LightningDataModule):
     collate: Callable[[list[Any]], Any] = staticmethod(pad_collate)
     """Examples -> batch."""
 
+    def chunks_root(self) -> str:
+        """Folder whose ``chunks/{train,val}`` this module reads (the prepared utterances by default)."""
+        return self.data_dir
+
     def dataset(self, split: str) -> StreamingDataset:
-        path = chunks_dir(self.data_dir, split)
+        path = chunks_dir(self.chunks_root(), split)
         if not (path / "index.json").is_file():
             raise FileNotFoundError(f"{path}: no litdata chunks (index.json); run `python -m lit_keomni prepare --out {self.data_dir}`")
         return StreamingDataset(str(path), shuffle=split == "train", seed=self.seed, transform=self.transform)

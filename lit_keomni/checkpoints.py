@@ -58,7 +58,11 @@ def write_export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        tensors, seen = {}, set()
+        for k, v in state_dict.items():  # tied weights share storage, which safetensors refuses: copy the second
+            t = v.detach().to("cpu").contiguous()
+            tensors[k] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         meta = {"kind": kind, "version": EXPORT_VERSION, "config": dict(config), **dict(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -405,3 +409,47 @@ def save_hf_llama(model: torch.nn.Module, config: Any, folder: str | Path) -> Pa
               metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def lm_tokenizer(speech_export: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The text tokenizer of a stage-1 export extended with its speech tokens and the dialogue specials, and the
+    export's metadata: the vocabulary every LM stage uses."""
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    meta = read_export_meta(speech_export, "speech_tokenizer")
+    tokenizer = TextTokenizer.from_file(Path(speech_export) / "tokenizer.json")
+    tokenizer.add_speech_tokens(int(meta["codebook_size"]))
+    return tokenizer, meta
+
+
+def load_text_to_token(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Stage-2 export -> (``Transformer`` in eval mode, its speech-extended ``TextTokenizer``, export metadata)."""
+    from lit_keomni.configs import TransformerConfig
+    from lit_keomni.nn.transformer import Transformer
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    exp = load_export(path, "text_to_token")
+    config = TransformerConfig.from_dict(exp.config, source=str(exp.path / CONFIG_FILE))
+    tokenizer = TextTokenizer.from_file(exp.path / "tokenizer.json")
+    codebook = exp.meta["speech_tokenizer"]["codebook_size"]
+    if tokenizer.num_audio_tokens != codebook:
+        raise ValueError(f"{exp.path / 'tokenizer.json'}: {tokenizer.num_audio_tokens} speech tokens, but "
+                         f"{exp.path / CONFIG_FILE} field 'speech_tokenizer.codebook_size' is {codebook}")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{exp.path / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, but "
+                         f"{exp.path / CONFIG_FILE} field 'vocab_size' is {config.vocab_size}")
+    model = Transformer(config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.eval(), tokenizer, exp.meta
+
+
+def export_fingerprint(path: str | Path) -> str:
+    """SHA-256 of an export's config and weights: data derived from an export records it, to notice a re-export."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(Path(path) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

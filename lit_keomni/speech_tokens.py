@@ -20,7 +20,7 @@ from litdata import StreamingDataset
 
 from datamodules.streaming import SPLITS, chunks_dir, write_chunks
 from datamodules.tokenizer import asr_example
-from lit_keomni.checkpoints import load_speech_tokenizer
+from lit_keomni.checkpoints import export_fingerprint, load_speech_tokenizer
 from lit_keomni.nn.audio import LogMel
 
 STAMP = "tokens.json"
@@ -67,6 +67,15 @@ class _TokenizeJob:
             yield out
 
 
+def tokens_are_current(out: str | Path, export: str | Path) -> bool:
+    """True when ``out`` holds finished tokens of exactly this export (same weights)."""
+    stamp = Path(out) / STAMP
+    if not stamp.is_file() or not (Path(export) / "model.safetensors").is_file():
+        return False
+    done = json.loads(stamp.read_text())
+    return done.get("fingerprint") == export_fingerprint(export) and set(done.get("splits", {})) == set(SPLITS)
+
+
 def tokenize(export: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32, workers: int = 1,
              device: str = "cpu") -> dict[str, Any]:
     """Encode every prepared split of ``data`` with ``export``; returns the ``tokens.json`` stamp."""
@@ -74,9 +83,10 @@ def tokenize(export: str | Path, data: str | Path, out: str | Path, *, batch_siz
     _, _, meta = load_speech_tokenizer(export)  # fail early, in this process, on a bad export
     stamp_path = out / STAMP
     stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-    if stamp and stamp.get("export") != str(Path(export).resolve()):
-        stamp = {}
-    stamp.update({"export": str(Path(export).resolve()), "frame_rate_hz": meta["frame_rate_hz"],
+    fingerprint = export_fingerprint(export)
+    if stamp and stamp.get("fingerprint") != fingerprint:
+        stamp = {}  # tokens of another (or a re-trained) export: redo everything
+    stamp.update({"export": str(Path(export).resolve()), "fingerprint": fingerprint, "frame_rate_hz": meta["frame_rate_hz"],
                   "codebook_size": meta["codebook_size"], "data": str(data)})
     stamp.setdefault("splits", {})
     for split in SPLITS:

@@ -13,7 +13,7 @@ from lit_keomni.checkpoints import AtomicCheckpointIO, Export, load_export, load
 from lit_keomni.speech_tokens import SpeechTokenEncoder, tokenize
 from lit_keomni.stages.tokenizer import SpeechTokenizer
 
-TINY = dict(d_model=64, n_head=4, ffn_dim=128, encoder_layers=2, vq_position=1, decoder_layers=1, codebook_size=16)
+from tests.conftest import STAGE1_TINY as TINY
 
 
 class LossRecorder(L.Callback):
@@ -68,11 +68,8 @@ def test_tiny_model_learns(prepared, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(prepared, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stage1")
-    model, data, trainer = make(prepared, tmp, 4, [Export()])
-    trainer.fit(model, data)
-    return tmp / "export"
+def export_dir(stage1_export):
+    return stage1_export
 
 
 def test_export_folder_and_checks(export_dir, tmp_path):

@@ -16,13 +16,10 @@ features of the last batches and the bottleneck is switched on.
 
 from __future__ import annotations
 
-import math
-import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,6 +36,7 @@ from lit_keomni.eval.asr import error_rate
 from lit_keomni.nn.audio import LogMel, mel_spectrogram_image
 from lit_keomni.nn.whisper import SpeechTokenizerModel
 from lit_keomni.text.tokenizer import TextTokenizer
+from lit_keomni.training import adamw_with_schedule, grad_norm, rng_state, set_rng_state
 
 EXPORT_KIND = "speech_tokenizer"
 SAMPLE_RATE = 16_000
@@ -61,16 +59,6 @@ def spec_augment(mel: Tensor, lengths: Tensor, gen: torch.Generator, freq_masks:
             t0 = int(torch.randint(0, max(1, n - w), (1,), generator=gen))
             mel[b, :, t0 : t0 + w] = fill[b]
     return mel
-
-
-def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
-    # Checkpoints load with weights_only=True, which admits tensors but not numpy arrays.
-    name, keys, pos, has_gauss, gauss = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
-
-
-def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
-    return state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]
 
 
 class SpeechTokenizer(L.LightningModule):
@@ -226,9 +214,9 @@ class SpeechTokenizer(L.LightningModule):
         self._kmeans_feats = []
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        norm = grad_norm(self)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -280,43 +268,24 @@ class SpeechTokenizer(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr, betas=(0.9, 0.98))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            t = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+        h = self.hparams
+        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.98),
+                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
+                                   min_lr_ratio=h.min_lr_ratio)
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["use_vq"] = bool(self.model.encoder.use_vq)
         checkpoint["kmeans_feats"] = self._kmeans_feats
-        checkpoint["rng"] = {
-            "aug": self.aug_gen.get_state(), "torch": torch.get_rng_state(), "numpy": _numpy_state_to_torch(np.random.get_state()),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["rng"] = {"aug": self.aug_gen.get_state(), **rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         self.model.encoder.use_vq = checkpoint.get("use_vq", self.model.encoder.use_vq)
         self._kmeans_feats = checkpoint.get("kmeans_feats", [])
-        rng = checkpoint.get("rng")
-        if rng:
-            self.aug_gen.set_state(rng["aug"])
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
-            random.setstate(rng["python"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if "rng" in checkpoint:
+            self.aug_gen.set_state(checkpoint["rng"]["aug"])
+            set_rng_state(checkpoint["rng"])
 
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:

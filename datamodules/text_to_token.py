@@ -1,0 +1,72 @@
+"""Stage-2 data: (text, speech tokens) pairs as text-to-token sequences with a loss mask on the speech side.
+
+``prepare_data`` chains what is missing: the prepared utterances (``data_dir``), then ``tokenize`` with the stage-1
+export into ``tokens_dir``. Sequences are ``text <|begin_of_audio|> speech <|end_of_audio|>`` (``text.templates.tts``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from datamodules.streaming import StreamingDataModule
+from lit_keomni.checkpoints import lm_tokenizer
+from lit_keomni.speech_tokens import tokenize, tokens_are_current
+from lit_keomni.text.templates import pad_batch, tts
+
+
+class TTSExample:
+    """Picklable transform: a tokenized utterance -> {ids, mask, text, language, codes}; loads the speech-extended
+    tokenizer of the stage-1 export once per worker."""
+
+    def __init__(self, speech_export: str) -> None:
+        self.speech_export = speech_export
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer, _ = lm_tokenizer(self.speech_export)
+        return self._tokenizer
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        ids, mask = tts(self.tokenizer, item["text"], item["codes"].tolist())
+        return {"id": item["id"], "ids": ids, "mask": mask, "text": item["text"], "language": item["language"],
+                "codes": item["codes"]}
+
+
+def tts_collate(examples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    idx, target = pad_batch([(e["ids"], e["mask"]) for e in examples], pad_id)
+    return {"input": idx, "target": target, "n_tokens": int(sum(len(e["ids"]) - 1 for e in examples)),
+            "text": [e["text"] for e in examples], "language": [e["language"] for e in examples],
+            "codes": [torch.as_tensor(e["codes"]) for e in examples], "id": [e["id"] for e in examples]}
+
+
+class TextToTokenDataModule(StreamingDataModule):
+    """Text -> speech-token pairs from every utterance of the prepared corpus, tokenized by the stage-1 export."""
+
+    def __init__(self, speech_export: str = "checkpoints/stage1/export", tokens_dir: str = "data/tokens",
+                 tokenize_workers: int = 1, **kwargs: Any) -> None:
+        """
+        Args:
+            speech_export: Stage-1 export whose tokens (and tokenizer) this stage learns to produce.
+            tokens_dir: Speech-token chunks of ``data_dir`` (made by ``tokenize`` if missing or from another export).
+            tokenize_workers: Processes for that ``tokenize`` run.
+            **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, ...).
+        """
+        super().__init__(**kwargs)
+        self.speech_export = speech_export
+        self.tokens_dir = tokens_dir
+        self.tokenize_workers = tokenize_workers
+        self.transform = TTSExample(speech_export)
+
+    def build_missing(self) -> None:
+        super().build_missing()
+        if not tokens_are_current(self.tokens_dir, self.speech_export):
+            tokenize(self.speech_export, self.data_dir, self.tokens_dir, workers=self.tokenize_workers)
+
+    def chunks_root(self) -> str:
+        return self.tokens_dir
+
+    collate = staticmethod(tts_collate)

@@ -1,0 +1,212 @@
+"""Stage 2 — text-to-token model (GLM-4-Voice §2.2, Appendix B.3; Tables 7, 12, 13).
+
+    python -m lit_keomni fit --config recipes/stage2.yaml
+
+A decoder-only transformer (``nn/transformer.py``) that reads text and writes the stage-1 speech tokens, so that
+interleaved speech-text data can be synthesised from text alone (``python -m lit_keomni interleave``) without ever
+making audio. Sequence: ``text <|begin_of_audio|> speech <|end_of_audio|>``; cross-entropy on the speech tokens and the
+end marker only. AdamW β = (0.9, 0.95), weight decay 0.1, warm-up then decay from ``lr`` to ``lr · min_lr_ratio``
+(paper: 4e-4 → 4e-5). Validation also generates speech tokens for held-out text and reads them back with the stage-1
+ASR decoder: the CER/WER of that transcript against the input text is the paper's content-preservation check.
+Inputs: ``checkpoints/stage1/export`` (tokenizer, speech tokens). Output: ``checkpoints/stage2/export``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_keomni.checkpoints import llama_from_hf, lm_tokenizer, load_hf_llama, load_speech_tokenizer, write_export
+from lit_keomni.configs import TransformerConfig, config_dict
+from lit_keomni.eval.asr import error_rate
+from lit_keomni.generate import generate
+from lit_keomni.nn.transformer import Transformer
+from lit_keomni.text.templates import END_AUDIO, tts
+from lit_keomni.training import adamw_with_schedule, grad_norm, rng_state, set_rng_state
+
+EXPORT_KIND = "text_to_token"
+
+
+class TextToToken(L.LightningModule):
+    """Text -> speech tokens LM; exports the handoff folder read by ``interleave`` and stage 3."""
+
+    def __init__(
+        self,
+        config: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        speech_export: str = "checkpoints/stage1/export",
+        init_from: str | None = None,
+        lr: float = 4e-4,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        decay: str = "cosine",
+        val_generate_batches: int = 2,
+        speech_per_text_token: float = 6.0,
+        export_dir: str | None = "checkpoints/stage2/export",
+    ) -> None:
+        """
+        Args:
+            config: ``TransformerConfig`` preset ("tiny", "text-to-token-1.5b", ...); its vocab_size is replaced by
+                the speech-extended tokenizer's.
+            overrides: Field overrides of the preset, e.g. ``{n_layer: 4, n_embd: 256}``.
+            speech_export: Stage-1 export: the speech tokens to produce, its tokenizer, and the ASR judge.
+            init_from: Local Hugging Face Llama-layout folder (safetensors) with a text LM to start from; its
+                embeddings are extended with the speech tokens (the paper starts from a 1.5B text LM).
+            lr: Peak learning rate (paper: 4e-4).
+            min_lr_ratio: Final learning rate as a fraction of ``lr`` (paper: 0.1).
+            weight_decay: AdamW weight decay (paper: 0.1).
+            warmup_steps: Linear warm-up steps.
+            decay: "cosine" or "linear" decay after warm-up.
+            val_generate_batches: Validation batches whose text is synthesised to speech tokens and judged by ASR.
+            speech_per_text_token: Generation stops after this many speech tokens per text token (plus 8).
+            export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = TransformerConfig.from_name(config, **(overrides or {}))
+        self.model: Transformer | None = None
+        self.text_tokenizer = None
+        self.speech_meta: dict[str, Any] = {}
+        self._judge: list[Any] = []  # the frozen stage-1 model, kept out of the state dict and the optimiser
+        self._val: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export)
+        vocab = self.text_tokenizer.vocab_size
+        if self.hparams.init_from:
+            hf_config, state = load_hf_llama(self.hparams.init_from)
+            keep = {k: getattr(self.model_config, k) for k in ("block_size",)}
+            self.model_config = hf_config.replace(**keep)
+            self.model = Transformer(self.model_config)
+            self.model.load_state_dict(llama_from_hf(state, self.model_config, source=self.hparams.init_from))
+            if vocab < self.model_config.vocab_size:
+                raise ValueError(f"{self.hparams.init_from}: the LM has {self.model_config.vocab_size} tokens but the "
+                                 f"stage-1 tokenizer only {vocab}: use the LM's tokenizer.json in stage 1")
+            self.model.resize_token_embeddings(vocab)
+            self.model_config = self.model.config
+        else:
+            self.model_config = self.model_config.replace(vocab_size=vocab)
+            self.model = Transformer(self.model_config)
+        n = sum(p.numel() for p in self.model.parameters())
+        # 6 FLOPs per parameter per token (forward + backward) plus attention, for MFU
+        c = self.model_config
+        self.flops_per_token = 6 * n + 12 * c.n_layer * c.n_embd * min(c.block_size, 512)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        logits = self(batch["input"])
+        target = batch["target"]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+        trained = target != -100
+        acc = (logits.argmax(-1)[trained] == target[trained]).float().mean()
+        return loss, acc
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, acc = self._loss(batch)
+        bs = batch["input"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/speech_token_acc", acc, batch_size=bs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norm = grad_norm(self)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"ref": [], "hyp": [], "lang": []}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, acc = self._loss(batch)
+        bs = batch["input"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/speech_token_acc", acc, batch_size=bs, sync_dist=True)
+        if batch_idx < self.hparams.val_generate_batches:
+            hyps = self.synthesize_and_transcribe(batch["text"])
+            self._val["ref"] += batch["text"]
+            self._val["hyp"] += hyps
+            self._val["lang"] += batch["language"]
+
+    @torch.no_grad()
+    def generate_speech(self, texts: list[str], temperature: float = 0.0, top_k: int | None = None) -> list[list[int]]:
+        """Speech tokens (codebook indices) for each text."""
+        tok = self.text_tokenizer
+        prompts = [tts(tok, t, None)[0] for t in texts]
+        limits = [int(len(p) * self.hparams.speech_per_text_token) + 8 for p in prompts]
+        lo = tok.audio_token_offset
+        out = generate(self.model, prompts, max_new_tokens=limits, temperature=temperature, top_k=top_k,
+                       stop_ids=[tok.token_to_id(END_AUDIO)], pad_id=tok.pad_id,
+                       allowed_ids=(lo, lo + tok.num_audio_tokens))
+        return [tok.ids_to_speech(ids) for ids in out]
+
+    @torch.no_grad()
+    def synthesize_and_transcribe(self, texts: list[str]) -> list[str]:
+        """Generate speech tokens for ``texts`` and read them back with the stage-1 ASR decoder."""
+        if not self._judge:
+            judge, judge_tok, _ = load_speech_tokenizer(self.hparams.speech_export)
+            self._judge = [judge, judge_tok]
+        judge, judge_tok = self._judge
+        judge.to(self.device)
+        codes = self.generate_speech(texts)
+        lengths = torch.tensor([max(1, len(c)) for c in codes], device=self.device)
+        padded = torch.zeros(len(codes), int(lengths.max()), dtype=torch.long, device=self.device)
+        for i, c in enumerate(codes):
+            padded[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        ids = judge.transcribe_codes(padded, lengths, [judge_tok.bos_id], judge_tok.eos_id, max_tokens=120)
+        return [judge_tok.decode(i) for i in ids]
+
+    def on_validation_epoch_end(self) -> None:
+        v = self._val
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, v)
+            v = {k: sum((g[k] for g in gathered), []) for k in v}
+        if not v["ref"]:
+            return
+        scores = error_rate(v["ref"], v["hyp"], v["lang"])
+        for key in ("cer", "wer", "cer_zh", "wer_en"):
+            if key in scores:
+                self.log(f"val/generated_{key}", float(scores[key]), rank_zero_only=True)
+        exp = getattr(self.logger, "experiment", None)
+        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_text"):
+            exp.add_text("val/generated", f"text: {v['ref'][0]}  \nASR of generated tokens: {v['hyp'][0]}", self.global_step)
+
+    # ------------------------------------------------------------------ optimisation & state
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95),
+                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
+                                   min_lr_ratio=h.min_lr_ratio, decay=h.decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+
+    # ------------------------------------------------------------------ handoff
+    def export(self, out_dir: str | Path) -> Path:
+        m = self.speech_meta
+        return write_export(
+            out_dir,
+            kind=EXPORT_KIND,
+            config=config_dict(self.model_config),
+            state_dict=self.model.state_dict(),
+            extra={"speech_tokenizer": {"frame_rate_hz": m["frame_rate_hz"], "codebook_size": m["codebook_size"],
+                                        "export": str(Path(self.hparams.speech_export).resolve())}},
+            files={"tokenizer": self.text_tokenizer.save},
+        )

@@ -1,0 +1,103 @@
+"""Pieces every stage's LightningModule shares: AdamW with warm-up and decay, RNG state for exact resume,
+gradient-norm logging, and a token-throughput / MFU callback."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+
+def adamw_with_schedule(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    decay: str = "cosine",
+) -> dict[str, Any]:
+    """AdamW (no decay on norms, biases and embeddings) with linear warm-up, then cosine or linear decay to
+    ``min_lr_ratio · lr`` at ``total_steps``; in the form ``configure_optimizers`` returns."""
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay={decay!r}: expected 'cosine' or 'linear'")
+    params = [(n, p) for n, p in named_parameters if p.requires_grad]
+    decayed = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    plain = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
+                            lr=lr, betas=betas)
+    total = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+    return {"optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}}
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states in a form ``torch.load(weights_only=True)`` accepts (tensors, not numpy arrays)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "gauss": gauss},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor | None:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else None
+
+
+class TokenThroughput(L.Callback):
+    """Logs training tokens/s (from ``batch["n_tokens"]``) and, on CUDA, model FLOPs utilisation (MFU) from the
+    module's ``flops_per_token`` and the device's peak bf16/fp32 FLOPs."""
+
+    def __init__(self) -> None:
+        self._t: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t is None or not isinstance(batch, dict) or "n_tokens" not in batch:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t
+        tokens = float(batch["n_tokens"]) * trainer.world_size
+        pl_module.log("perf/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
+        flops = getattr(pl_module, "flops_per_token", None)
+        if flops and trainer.strategy.root_device.type == "cuda":
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            peak = get_available_flops(trainer.strategy.root_device, "bf16-true" if "bf16" in str(trainer.precision) else "32-true")
+            if peak:
+                pl_module.log("perf/mfu", flops * tokens / dt / (peak * trainer.world_size), on_step=True, on_epoch=False)
