@@ -768,3 +768,27 @@ def _assemble(dialogues: list[Dialogue], results: list[tuple[int, list[Word]]], 
         d.audio["duration"] = round(clock, 6)
         total += clock
     return total
+
+
+def write_text_corpus(path: str | Path, *, seed: int = 1234, skip_dialogues: int = 1200, num_documents: int = 2000,
+                      dialogues_per_document: int = 4) -> Path:
+    """A JSONL text corpus ({"id", "language", "text"}) from the same toy world as the speech corpus but with other
+    sentences (the dialogues after the first ``skip_dialogues``): input for ``interleave`` and stage-3 text data.
+    Each document joins ``dialogues_per_document`` dialogues of one language."""
+    path = Path(path)
+    plans = plan_texts(seed, skip_dialogues + 2 * num_documents * dialogues_per_document)[skip_dialogues:]
+    by_lang: dict[str, list[list[str]]] = {"en": [], "zh": []}
+    for lang, turns in plans:
+        by_lang[lang].append(turns)
+    lines = []
+    for i in range(num_documents):
+        lang = ("en", "zh")[i % 2]
+        group = by_lang[lang][(i // 2) * dialogues_per_document : (i // 2 + 1) * dialogues_per_document]
+        sentences = [t for turns in group for t in turns]
+        text = (" " if lang == "en" else "").join(sentences)
+        lines.append(json.dumps({"id": f"text{i:06d}", "language": lang, "text": text}, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

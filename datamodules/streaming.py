@@ -114,10 +114,11 @@ def prepare(
 ) -> dict[str, Any]:
     """Validate dialogues and write ``out/chunks/{train,val}``, ``out/tokenizer.json`` and the ``out/prepared.json`` stamp.
 
-    Without ``source`` the built-in bilingual corpus is synthesised into ``out/corpus`` first.
+    Without ``source`` the built-in bilingual corpus is synthesised into ``out/corpus`` first, and a text corpus of the
+    same toy world is written to ``out/text/toy_world.jsonl``.
     Returns the stamp (counts and settings).
     """
-    from datamodules.corpus import build_corpus
+    from datamodules.corpus import build_corpus, write_text_corpus
     from lit_keomni.text.tokenizer import TextTokenizer
 
     out = Path(out)
@@ -125,6 +126,8 @@ def prepare(
     if source is None:
         source = build_corpus(out / "corpus", num_dialogues=num_dialogues, seed=seed, sample_rate=sample_rate,
                               workers=workers, progress=progress)
+        # the same toy world as text only, for `interleave` and the text share of stage 3
+        write_text_corpus(out / "text" / "toy_world.jsonl", seed=seed, skip_dialogues=num_dialogues)
     report = out / "rejected.jsonl"
     utts = collect_utterances(source, sample_rate=sample_rate, max_duration=max_duration,
                               skip_invalid=skip_invalid, report_path=report)
@@ -139,7 +142,10 @@ def prepare(
         by_split["train"] = [u for u in by_split["train"] if u.dialogue_id != last] or by_split["val"]
     (out / STAMP).unlink(missing_ok=True)
     for split, items in by_split.items():
-        write_chunks(_ItemFn(sample_rate), items, chunks_dir(out, split), workers=workers)
+        # Written in order of duration, in small chunks: litdata shuffles chunk order and items within a chunk, so a
+        # batch drawn from one chunk holds clips of similar length and little padding (bucketing for free).
+        items = sorted(items, key=lambda u: (u.duration, u.id))
+        write_chunks(_ItemFn(sample_rate), items, chunks_dir(out, split), workers=workers, chunk_bytes="8MB")
     tok_path = out / "tokenizer.json"
     if not tok_path.is_file():
         TextTokenizer.train([u.text for u in by_split["train"]], vocab_size=tokenizer_vocab).save(out)

@@ -17,6 +17,7 @@ from lit_keomni.checkpoints import AtomicCheckpointIO
 
 STAGES = {
     "stage1": "speech tokenizer (Whisper encoder + 12.5 Hz VQ, ASR-supervised)  lit_keomni.stages.tokenizer.SpeechTokenizer",
+    "stage2": "text-to-token model (text -> speech tokens)                     lit_keomni.stages.text_to_token.TextToToken",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test")
 
@@ -37,6 +38,7 @@ def usage() -> str:
         "data:",
         "  prepare                    build the built-in corpus (or --source your Ke-SpeechChat data) into litdata chunks",
         "  tokenize                   encode prepared audio into speech tokens with a stage-1 export",
+        "  interleave                 synthesise interleaved speech-text data from text with a stage-2 export",
         "",
         "stages:",
         *(f"  {name}  {text}" for name, text in STAGES.items()),
@@ -111,7 +113,33 @@ def tokenize_command(argv: list[str]) -> None:
     print(f"wrote speech tokens ({stamp['frame_rate_hz']} Hz, {stamp['codebook_size']} codes) for {stamp['splits']} to {a.out}")
 
 
-COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command}
+def interleave_command(argv: list[str]) -> None:
+    from lit_keomni.interleave import interleave
+
+    p = argparse.ArgumentParser(prog="python -m lit_keomni interleave",
+                                description="Synthesise interleaved speech-text data from a text corpus with a stage-2 export (span corruption).")
+    p.add_argument("--export", required=True, help="stage-2 export folder (checkpoints/stage2/export)")
+    p.add_argument("--source", default="data/builtin/text",
+                   help="text corpus: a .txt (one document per line), a .jsonl with a 'text' field, a folder of those, "
+                        "or litdata chunks with a 'text' field (local or cloud URL)")
+    p.add_argument("--out", required=True, help="output folder: chunks/, shards/, stats.json")
+    p.add_argument("--ratio", type=float, default=0.3, help="span corruption ratio η (share of text tokens turned into speech)")
+    p.add_argument("--mean-span", type=float, default=10.0, help="Poisson λ of span lengths in text tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="spans generated per batch")
+    p.add_argument("--shard-size", type=int, default=1000, help="documents per resumable shard")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, default=None, help="only the first N documents")
+    a = p.parse_args(argv)
+    interleave(a.export, a.source, a.out, ratio=a.ratio, mean_span=a.mean_span, seed=a.seed, batch_size=a.batch_size,
+               shard_size=a.shard_size, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, device=a.device,
+               limit=a.limit)
+
+
+COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command, "interleave": interleave_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,3 +84,29 @@ def test_learns_and_exports(prepared, stage1_export, tokens, tmp_path):
     torch.testing.assert_close(loaded(x), model.model.cpu().eval()(x))
     speech = model.generate_speech(["Sam lives with a duck.", "小红是银湖城人。"])
     assert all(all(0 <= c < 16 for c in row) for row in speech)
+
+
+def test_interleave_command_on_builtin_text(prepared, stage1_export, tokens, tmp_path):
+    """`python -m lit_keomni interleave` with a stage-2 export over the built-in toy-world text."""
+    from litdata import StreamingDataset
+
+    from lit_keomni.cli import main
+
+    model, data, trainer = make(prepared, stage1_export, tokens, tmp_path, 2, [Export()])
+    trainer.fit(model, data)
+    text = prepared / "text" / "toy_world.jsonl"
+    assert text.is_file()
+    out = tmp_path / "interleaved"
+    main(["interleave", "--export", str(tmp_path / "export"), "--source", str(text), "--out", str(out),
+          "--limit", "24", "--shard-size", "10", "--batch-size", "32"])
+    ds = StreamingDataset(str(out / "chunks"))
+    assert len(ds) == 24
+    tok = model.text_tokenizer
+    boa, eoa = tok.token_to_id(BEGIN_AUDIO), tok.token_to_id(END_AUDIO)
+    item = ds[0]
+    ids = item["tokens"].tolist()
+    assert ids.count(boa) == ids.count(eoa) >= 1
+    import json
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"] == 24 and stats["speech_tokens"] > 0
