@@ -770,21 +770,20 @@ def _assemble(dialogues: list[Dialogue], results: list[tuple[int, list[Word]]], 
     return total
 
 
-def write_text_corpus(path: str | Path, *, seed: int = 1234, skip_dialogues: int = 1200, num_documents: int = 2000,
+def write_text_corpus(path: str | Path, *, seed: int = 1234, num_dialogues: int = 1200, num_documents: int = 2000,
                       dialogues_per_document: int = 4) -> Path:
-    """A JSONL text corpus ({"id", "language", "text"}) from the same toy world as the speech corpus but with other
-    sentences (the dialogues after the first ``skip_dialogues``): input for ``interleave`` and stage-3 text data.
-    Each document joins ``dialogues_per_document`` dialogues of one language."""
+    """A JSONL text corpus ({"id", "language", "text"}) of the same toy world as the speech corpus: input for
+    ``interleave`` and the text share of stage 3. Each document joins ``dialogues_per_document`` randomly chosen
+    dialogues of one language (the world's sentences recur across documents in new combinations)."""
     path = Path(path)
-    plans = plan_texts(seed, skip_dialogues + 2 * num_documents * dialogues_per_document)[skip_dialogues:]
     by_lang: dict[str, list[list[str]]] = {"en": [], "zh": []}
-    for lang, turns in plans:
+    for lang, turns in plan_texts(seed, num_dialogues):
         by_lang[lang].append(turns)
+    rng = random.Random(f"text-{seed}")
     lines = []
     for i in range(num_documents):
         lang = ("en", "zh")[i % 2]
-        group = by_lang[lang][(i // 2) * dialogues_per_document : (i // 2 + 1) * dialogues_per_document]
-        sentences = [t for turns in group for t in turns]
+        sentences = [t for turns in rng.sample(by_lang[lang], dialogues_per_document) for t in turns]
         text = (" " if lang == "en" else "").join(sentences)
         lines.append(json.dumps({"id": f"text{i:06d}", "language": lang, "text": text}, ensure_ascii=False))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from collections.abc import Callable
@@ -29,6 +27,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 
 from datamodules.kespeechchat import Utterance, collect_utterances, load_audio
+from lit_keomni.atomic import staged_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +86,9 @@ def write_chunks(fn: Any, inputs: list[Any], out_dir: Path, *, workers: int, chu
     cache = out_dir.parent / ".cache"
     os.environ.setdefault("DATA_OPTIMIZER_CACHE_FOLDER", str(cache / "chunks"))
     os.environ.setdefault("DATA_OPTIMIZER_DATA_CACHE_FOLDER", str(cache / "data"))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         optimize(fn=fn, inputs=inputs, output_dir=str(tmp), chunk_bytes=chunk_bytes,
                  num_workers=max(1, min(workers, len(inputs))), mode="overwrite", verbose=False)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def prepare(
@@ -127,7 +120,7 @@ def prepare(
         source = build_corpus(out / "corpus", num_dialogues=num_dialogues, seed=seed, sample_rate=sample_rate,
                               workers=workers, progress=progress)
         # the same toy world as text only, for `interleave` and the text share of stage 3
-        write_text_corpus(out / "text" / "toy_world.jsonl", seed=seed, skip_dialogues=num_dialogues)
+        write_text_corpus(out / "text" / "toy_world.jsonl", seed=seed, num_dialogues=num_dialogues)
     report = out / "rejected.jsonl"
     utts = collect_utterances(source, sample_rate=sample_rate, max_duration=max_duration,
                               skip_invalid=skip_invalid, report_path=report)
@@ -158,9 +151,7 @@ def prepare(
         "hours": {s: round(sum(u.end - u.start for u in v) / 3600, 3) for s, v in by_split.items()},
         "rejected_report": str(report) if report.exists() else None,
     }
-    tmp = out / f".{STAMP}.tmp"
-    tmp.write_text(json.dumps(stamp, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / STAMP)
+    write_json(out / STAMP, stamp)
     return stamp
 
 

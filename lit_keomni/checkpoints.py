@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
+
+from lit_keomni.atomic import staged_dir, write_json
 from torch import Tensor
 
 EXPORT_VERSION = 1
@@ -55,30 +56,16 @@ def write_export(
     ``files`` maps a description to a writer called with the temp folder (e.g. the tokenizer's ``save``).
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         tensors, seen = {}, set()
         for k, v in state_dict.items():  # tied weights share storage, which safetensors refuses: copy the second
             t = v.detach().to("cpu").contiguous()
             tensors[k] = t.clone() if t.data_ptr() in seen else t
             seen.add(t.data_ptr())
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        meta = {"kind": kind, "version": EXPORT_VERSION, "config": dict(config), **dict(extra or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(tmp / CONFIG_FILE, {"kind": kind, "version": EXPORT_VERSION, "config": dict(config), **dict(extra or {})})
         for write in (files or {}).values():
             write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

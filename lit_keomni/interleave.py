@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from lit_keomni import checkpoints
+from lit_keomni.atomic import staged_dir, write_json
 from lit_keomni.generate import generate
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.text.tokenizer import TextTokenizer
@@ -270,24 +269,6 @@ def interleave_documents(
 # ---------------------------------------------------------------------------------------------------- shards
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename the complete folder ``tmp`` to ``final``; an existing ``final`` is swapped out first, then removed."""
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _write_shard(items: list[dict[str, Any]], counts: dict[str, float], folder: Path) -> None:
     from litdata.streaming.writer import BinaryWriter
 
@@ -296,16 +277,14 @@ def _write_shard(items: list[dict[str, Any]], counts: dict[str, float], folder: 
         writer[i] = item
     writer.done()
     writer.merge()
-    _write_json(folder / SHARD_META, counts)
+    write_json(folder / SHARD_META, counts)
 
 
 def _merge_shards(shard_dirs: list[Path], out: Path) -> None:
     """Combine the shards' chunks into ``out/chunks`` (built in a temp folder, then renamed)."""
     from litdata import merge_datasets
 
-    final = out / "chunks"
-    tmp = Path(tempfile.mkdtemp(prefix=".chunks.", dir=out))
-    try:
+    with staged_dir(out / "chunks") as tmp:
         if len(shard_dirs) == 1:  # merge_datasets wants two or more inputs
             index = json.loads((shard_dirs[0] / "index.json").read_text(encoding="utf-8"))
             for chunk in index["chunks"]:
@@ -313,10 +292,6 @@ def _merge_shards(shard_dirs: list[Path], out: Path) -> None:
             shutil.copy2(shard_dirs[0] / "index.json", tmp / "index.json")
         else:
             merge_datasets([str(d) for d in shard_dirs], str(tmp), max_workers=2)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _check_run(out: Path, settings: dict[str, Any]) -> None:
@@ -329,7 +304,7 @@ def _check_run(out: Path, settings: dict[str, Any]) -> None:
                 raise ValueError(f"{path}: field '{key}' is {old.get(key)!r} but this run has {value!r}; finished "
                                  f"shards in {out / 'shards'} were made with the old value (use a new out folder)")
     else:
-        _write_json(path, settings)
+        write_json(path, settings)
 
 
 def _batched(it: Iterable[tuple[str, str]], n: int) -> Iterator[list[tuple[str, str]]]:
@@ -394,13 +369,8 @@ def interleave_corpus(
                 model, tokenizer, shard_docs, first_index=k * shard_size, ratio=ratio, mean_span=mean_span, seed=seed,
                 batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
                 max_speech_per_text=max_speech_per_text, generator=generator)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{k:05d}.", dir=shards))
-            try:
+            with staged_dir(final) as tmp:
                 _write_shard(items, counts, tmp)
-                _replace_dir(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             written += 1
             rate = counts["speech_tokens"] / max(counts["generation_seconds"], 1e-9)
             print(f"interleave: shard {k:05d}: {len(shard_docs)} documents, {counts['spans']} spans, "
@@ -415,7 +385,7 @@ def interleave_corpus(
     stats = summarize(totals)
     stats.update(target_ratio=ratio, mean_span_target=mean_span, shards=len(shard_dirs), shards_written=written,
                  shards_reused=reused, chunks=str(out / "chunks"))
-    _write_json(out / "stats.json", stats)
+    write_json(out / "stats.json", stats)
     print(format_stats(stats), flush=True)
     return stats
 

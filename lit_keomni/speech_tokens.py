@@ -20,6 +20,7 @@ from litdata import StreamingDataset
 
 from datamodules.streaming import SPLITS, chunks_dir, write_chunks
 from datamodules.tokenizer import asr_example
+from lit_keomni.atomic import write_json
 from lit_keomni.checkpoints import export_fingerprint, load_speech_tokenizer
 from lit_keomni.nn.audio import LogMel
 
@@ -100,7 +101,5 @@ def tokenize(export: str | Path, data: str | Path, out: str | Path, *, batch_siz
         write_chunks(_TokenizeJob(str(Path(export).resolve()), str(src.resolve()), device), jobs, chunks_dir(out, split), workers=workers)
         stamp["splits"][split] = n
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{STAMP}.tmp"
-        tmp.write_text(json.dumps(stamp, indent=2) + "\n")
-        os.replace(tmp, stamp_path)
+        write_json(stamp_path, stamp)
     return stamp

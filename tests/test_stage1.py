@@ -5,11 +5,10 @@ import json
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from litdata import StreamingDataset
 
 from datamodules.tokenizer import TokenizerDataModule, asr_example
-from lit_keomni.checkpoints import AtomicCheckpointIO, Export, load_export, load_speech_tokenizer
+from lit_keomni.checkpoints import AtomicCheckpointIO, load_export, load_speech_tokenizer
 from lit_keomni.speech_tokens import SpeechTokenEncoder, tokenize
 from lit_keomni.stages.tokenizer import SpeechTokenizer
 
