@@ -5,12 +5,13 @@ same weights, in one process, with a greedy parity check.
                                    --threads N --device cpu|cuda]
 
 Builds our ``Transformer`` (``--preset``: the same "small" size as ``benchmarks/lm_train.py``, or any Llama-shaped
-``TransformerConfig`` preset), random init with the output head scaled ×50 so that greedy choices are far from ties
-(as tests/test_generate.py does), exports it with ``lit_keomni.checkpoints.save_hf_llama`` to a temporary folder and
+``TransformerConfig`` preset), random init at trained-like scales (matrices N(0, 1/fan_in), embedding N(0, 1)) so that
+greedy continuations are varied (~100 distinct tokens in 128) rather than one token repeated, exports it with ``lit_keomni.checkpoints.save_hf_llama`` to a temporary folder and
 loads that with ``transformers.LlamaForCausalLM.from_pretrained`` (SDPA attention): one set of weights, two
 implementations. Both decode the same batch of ``--batch`` random prompts of ``--prompt`` tokens, greedily, for exactly
 ``--new`` tokens with the KV cache: ours with no stop ids, HF with ``min_new_tokens = max_new_tokens``, no eos token and
-``use_cache=True``. Before timing, the greedy tokens of both must be identical (asserted and printed).
+``use_cache=True``. Before timing, the greedy tokens of both must be identical (asserted and printed; in bfloat16
+rounding differs between the two implementations, so there a mismatch is only reported).
 
 tokens/s = batch × new tokens / median wall seconds of one whole ``generate`` call (prefill + decode + returning the
 tokens) over ``--repeats`` rounds after one warm-up round; rounds alternate ours, HF so that load changes on a shared
@@ -20,6 +21,7 @@ machine hit both alike.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import tempfile
@@ -72,8 +74,12 @@ def main() -> None:
     else:
         cfg = TransformerConfig.from_name(a.preset, **overrides)
     ours = Transformer(cfg).eval()
-    with torch.no_grad():
-        ours.lm_head.weight.mul_(50)
+    with torch.no_grad():  # trained-like scales: varied greedy continuations, not one token repeated
+        for w in ours.parameters():
+            if w.dim() == 2:
+                w.normal_(0.0, 1.0 / math.sqrt(w.shape[1]))
+        ours.embed.weight.normal_(0.0, 1.0)
+    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_hf_llama(ours, cfg, tmp)
@@ -104,9 +110,11 @@ def main() -> None:
     assert all(len(r) == a.new for r in got_ours) and all(len(r) == a.new for r in got_hf), "early stop happened"
     same_rows = sum(o == h for o, h in zip(got_ours, got_hf))
     same_tokens = sum(x == y for o, h in zip(got_ours, got_hf) for x, y in zip(o, h))
-    parity = (f"greedy parity: {same_rows}/{a.batch} rows, {same_tokens}/{a.batch * a.new} tokens identical "
-              f"(row 0 starts {got_ours[0][:8]} ours, {got_hf[0][:8]} HF)")
-    assert got_ours == got_hf, parity
+    distinct = statistics.median(len(set(r)) for r in got_ours)
+    parity = (f"greedy parity: {same_rows}/{a.batch} rows, {same_tokens}/{a.batch * a.new} tokens identical; "
+              f"median {distinct:g} distinct tokens per row; row 0 starts {got_ours[0][:6]} ours, {got_hf[0][:6]} HF")
+    if dtype == torch.float32:
+        assert got_ours == got_hf, parity
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fns: list[Callable[[], object]] = [run_ours, run_hf]
