@@ -111,7 +111,8 @@ def prepare(
     same toy world is written to ``out/text/toy_world.jsonl``.
     Returns the stamp (counts and settings).
     """
-    from datamodules.corpus import build_corpus, write_text_corpus
+    from datamodules.corpus import build_corpus
+    from datamodules.toy_world import write_text_corpus
     from lit_keomni.text.tokenizer import TextTokenizer
 
     out = Path(out)

@@ -209,7 +209,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Export(L.Callback):
-    """Writes the stage's handoff folder (``pl_module.export(dir)``) at the end of ``fit``, on global rank 0."""
+    """Writes the stage's handoff folder (``pl_module.export(dir)``) at the end of ``fit``. Every rank calls
+    ``export`` (a sharded model is gathered collectively; the module writes on global rank 0 only), then all wait
+    until the folder is complete."""
 
     def __init__(self, dirpath: str | None = None) -> None:
         """
@@ -220,9 +222,11 @@ class Export(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         target = self.dirpath or pl_module.hparams.get("export_dir")
-        if target and trainer.is_global_zero and not trainer.sanity_checking:
+        if target and not trainer.sanity_checking:
             path = pl_module.export(target)
-            print(f"exported {type(pl_module).__name__} to {path}")
+            trainer.strategy.barrier("export")
+            if trainer.is_global_zero:
+                print(f"exported {type(pl_module).__name__} to {path}")
 
 
 def load_speech_tokenizer(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:

@@ -99,13 +99,18 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         mask[i, L - len(p):L] = True
     mask[:, L:] = True  # generated slots are real tokens for every row (finished rows are simply ignored)
 
+    # Prompts of one length need no mask: positions are the slots and causality is SDPA's own (is_causal for the
+    # prefill, every cached key for a decode step), so SDPA runs without a mask (faster kernels, no mask building).
+    padded = any(len(p) != L for p in prompts)
+
     limit = torch.tensor(limits, device=device)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = limit == 0
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     model.set_kv_cache(B, total, device=device)
     try:
-        logits = model(tokens, input_pos=torch.arange(L, device=device), attention_mask=mask[:, :L])[:, -1]
+        logits = model(tokens, input_pos=torch.arange(L, device=device),
+                       attention_mask=mask[:, :L] if padded else None)[:, -1]
         for step in range(steps):
             nxt = sample(logits.masked_fill(~allow, float("-inf")), temperature, top_k, top_p, generator)
             is_stop = torch.isin(nxt, stops) if stops.numel() else torch.zeros_like(done)
@@ -116,7 +121,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
             if bool(done.all()):
                 break
             pos = torch.tensor([L + step], device=device)
-            logits = model(nxt[:, None], input_pos=pos, attention_mask=mask[:, : L + step + 1])[:, -1]
+            step_mask = mask[:, : L + step + 1] if padded else None
+            logits = model(nxt[:, None], input_pos=pos, attention_mask=step_mask)[:, -1]
     finally:
         model.clear_kv_cache()
     return [out[i, : int(lengths[i])].tolist() for i in range(B)]

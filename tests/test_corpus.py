@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.corpus import (AGENT_SPEAKERS, build_corpus, number_words, plan_texts, storycloze_items,
-                                toy_world_texts)
+from datamodules.corpus import AGENT_SPEAKERS, build_corpus
+from datamodules.toy_world import number_words, plan_texts, storycloze_items, toy_world_texts
 from datamodules.kespeechchat import collect_utterances, read_dialogues
 
 

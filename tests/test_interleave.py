@@ -99,7 +99,7 @@ def test_read_documents_formats(tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus():
-    from datamodules.corpus import toy_world_texts
+    from datamodules.toy_world import toy_world_texts
 
     # One thread: a tiny model's matmuls only lose to thread hand-offs on shared cores (about 3x faster here).
     threads = torch.get_num_threads()

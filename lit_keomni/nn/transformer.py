@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 from lit_keomni.configs import TransformerConfig
 
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back (as HF Llama), with a learnt scale."""
@@ -128,10 +131,16 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos with a KV cache requested, but set_kv_cache() was not called")
             k, v = self.kv_cache.update(slots, k, v, kv_length)
-        if self.n_kv_head != self.n_head:  # GQA: each kv head serves n_head // n_kv_head query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        gqa = self.n_kv_head != self.n_head  # each kv head serves n_head // n_kv_head query heads
+        if gqa and _SDPA_GQA and (mask is None or q.device.type == "cpu"):
+            # SDPA reads the shared kv heads in place: no copy of k, v (the whole cache when decoding). CUDA's flash
+            # kernel takes enable_gqa but no mask, its masked kernels fall back to math with it: copy there instead.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        else:
+            if gqa:
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import llama_from_hf, lm_tokenizer, load_hf_llama, load_speech_tokenizer, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
+from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.generate import generate
 from lit_keomni.nn.transformer import Transformer
@@ -100,6 +101,9 @@ class TextToToken(L.LightningModule):
         # 6 FLOPs per parameter per token (forward + backward) plus attention, for MFU
         c = self.model_config
         self.flops_per_token = 6 * n + 12 * c.n_layer * c.n_embd * min(c.block_size, 512)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
+            apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.blocks,
+                       param_dtype=fsdp_param_dtype(self.trainer.precision))
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -200,12 +204,16 @@ class TextToToken(L.LightningModule):
 
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:
+        """Write the handoff folder. Sharded, every rank calls this (the weights are gathered) and rank 0 writes."""
+        state = full_state_dict(self.model)
+        if self.global_rank != 0:
+            return Path(out_dir)
         m = self.speech_meta
         return write_export(
             out_dir,
             kind=EXPORT_KIND,
             config=config_dict(self.model_config),
-            state_dict=self.model.state_dict(),
+            state_dict=state,
             extra={"speech_tokenizer": {"frame_rate_hz": m["frame_rate_hz"], "codebook_size": m["codebook_size"],
                                         "export": str(Path(self.hparams.speech_export).resolve())}},
             files={"tokenizer": self.text_tokenizer.save},

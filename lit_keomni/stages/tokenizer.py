@@ -32,6 +32,7 @@ from lit_keomni.checkpoints import (
     write_export,
 )
 from lit_keomni.configs import SpeechTokenizerConfig, config_dict
+from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.nn.audio import LogMel, mel_spectrogram_image
 from lit_keomni.nn.whisper import SpeechTokenizerModel
@@ -122,6 +123,10 @@ class SpeechTokenizer(L.LightningModule):
             self._load_hf_whisper(self.hparams.init_from)
         if self.hparams.vq_start > 0 and self.model.encoder.quantizer is not None:
             self.model.encoder.use_vq = False
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per encoder/decoder layer
+            apply_fsdp(self.model, self.device_mesh["data_parallel"],
+                       blocks=[*self.model.encoder.layers, *self.model.decoder.layers],
+                       param_dtype=fsdp_param_dtype(self.trainer.precision))
 
     def _load_hf_whisper(self, folder: str) -> None:
         hf_config, state = read_hf_folder(folder)
@@ -199,7 +204,9 @@ class SpeechTokenizer(L.LightningModule):
 
     def _collect_kmeans(self, feats: Tensor, lengths: Tensor) -> None:
         valid = torch.arange(feats.shape[1], device=feats.device)[None] < lengths[:, None]
-        self._kmeans_feats.append(feats[valid].detach().float().cpu())
+        rows = feats[valid].detach().float().cpu()
+        # rows of a NaN batch (skipped by NonFiniteGuard) would make every centroid NaN at the switch
+        self._kmeans_feats.append(rows[torch.isfinite(rows).all(dim=1)])
         self._kmeans_feats = self._kmeans_feats[-self.hparams.kmeans_batches :]
 
     @torch.no_grad()
@@ -289,13 +296,17 @@ class SpeechTokenizer(L.LightningModule):
 
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:
-        """Write the handoff folder: config, weights, tokenizer; the frame rate and codebook size for later stages."""
+        """Write the handoff folder: config, weights, tokenizer; the frame rate and codebook size for later stages.
+        Sharded, every rank calls this (the weights are gathered) and rank 0 writes."""
+        state = full_state_dict(self.model)
+        if self.global_rank != 0:
+            return Path(out_dir)
         c = self.model_config
         return write_export(
             out_dir,
             kind=EXPORT_KIND,
             config=config_dict(c),
-            state_dict=self.model.state_dict(),
+            state_dict=state,
             extra={"frame_rate_hz": c.frame_rate_hz, "codebook_size": c.codebook_size, "sample_rate": SAMPLE_RATE,
                    "vq_active": bool(self.model.encoder.use_vq)},
             files={"tokenizer": self.text_tokenizer.save},
