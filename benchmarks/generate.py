@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -32,25 +31,13 @@ from collections.abc import Callable
 import torch
 import transformers
 
+from common import SMALL_LM, cpu_model
 from lit_keomni.checkpoints import save_hf_llama
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.generate import generate
 from lit_keomni.nn.transformer import Transformer
 
-PRESETS = {
-    "small": dict(vocab_size=2048, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=688, block_size=1024),
-}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+PRESETS = {"small": SMALL_LM}
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ PaLM's attention estimate (scores and weighted sum, forward + backward, without 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -32,24 +31,12 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from common import SMALL_LM, cpu_model
 from lit_keomni.checkpoints import llama_to_hf
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.nn.transformer import Transformer
 
-PRESETS = {
-    "small": dict(vocab_size=2048, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=688, block_size=1024),
-}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+PRESETS = {"small": SMALL_LM}
 
 
 def hf_config(c: TransformerConfig) -> transformers.LlamaConfig:

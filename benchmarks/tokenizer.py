@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,22 +29,12 @@ import torch
 import transformers
 from torch import Tensor
 
+from common import cpu_model
 from lit_keomni.configs import SpeechTokenizerConfig
 from lit_keomni.nn.audio import LogMel
 from lit_keomni.nn.whisper import SpeechTokenizerModel
 
 SR = 16000
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def speech_like(batch: int, seconds: float, seed: int = 0) -> Tensor:

@@ -1,0 +1,22 @@
+"""What the benchmark scripts share: the CPU name printed above each table, and the small LM preset."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+
+SMALL_LM: dict[str, Any] = dict(vocab_size=2048, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=688,
+                                block_size=1024)
+"""A CPU-sized ``TransformerConfig`` ("small") used by the LM benchmarks."""
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
