@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ import soxr
 log = logging.getLogger(__name__)
 
 ROLES = ("user", "agent")
+OVERLAP_TOLERANCE = 1e-3
+"""Seconds two consecutive turns of one channel may overlap (rounding of hand-made timestamps)."""
 STAMP_NAME = "corpus.json"
 """A corpus folder's description (see `datamodules.corpus`), not a dialogue: folder scans skip it."""
 
@@ -257,9 +260,22 @@ def _validate(obj: Any, path: Path, *, line: int | None = None, index: int | Non
         if not dialog:
             raise c.fail("dialog", "no turns")
         turns = [_validate_turn(c, t, i, speakers, languages) for i, t in enumerate(dialog)]
+        _check_no_overlap(c, turns)
     except KeSpeechChatError as e:
         return e
     return Dialogue(id=dialogue_id, speakers=speakers, audio=audio, channels=channels, turns=turns, source=path)
+
+
+def _check_no_overlap(c: _Checker, turns: list[Turn]) -> None:
+    """One channel is one speaker's track: its turns come in time order and do not overlap (by more than
+    ``OVERLAP_TOLERANCE``). Turns on different channels may overlap (a user barging in on the agent)."""
+    last: dict[int, tuple[int, float]] = {}
+    for i, t in enumerate(turns):
+        if t.channel in last and t.start < last[t.channel][1] - OVERLAP_TOLERANCE:
+            j, end = last[t.channel]
+            raise c.fail(f"dialog[{i}].start", f"{t.start} is before the end {end} of dialog[{j}] on the same channel "
+                                                f"{t.channel} (turns of one channel must be in order and not overlap)")
+        last[t.channel] = (i, t.end)
 
 
 def _validate_turn(c: _Checker, t: Any, i: int, speakers: dict, languages: dict[int, str]) -> Turn:
@@ -275,6 +291,8 @@ def _validate_turn(c: _Checker, t: Any, i: int, speakers: dict, languages: dict[
     text = c.get(t, "text", str, where)
     if not text.strip():
         raise c.fail(f"{where}.text", "empty text")
+    if not any(ch.isalnum() for ch in unicodedata.normalize("NFKC", text)):
+        raise c.fail(f"{where}.text", f"no letters or digits in {_short(text)}: as an ASR target it normalises to empty")
     start, end = float(c.get(t, "start", _NUM, where)), float(c.get(t, "end", _NUM, where))
     if start < 0:
         raise c.fail(f"{where}.start", f"negative time {start}")
@@ -304,9 +322,9 @@ def collect_utterances(source: str | Path, *, sample_rate: int, max_duration: fl
                        report_path: Path | None = None) -> list[Utterance]:
     """Read and validate every dialogue under `source` and each turn's audio header; return one `Utterance` per turn.
 
-    Only headers are read (``soundfile.info``), so this is fast; sample values are checked by `load_audio`. A rate
-    other than `sample_rate` is fine (`load_audio` resamples). Rejected: schema errors, missing, unreadable or empty
-    wavs, clips longer than `max_duration` seconds.
+    Only headers are read (``soundfile.info``), so this is fast; float wavs, the only kind that can hold NaN/inf, are
+    read whole. A rate other than `sample_rate` is fine (`load_audio` resamples). Rejected: schema errors, missing,
+    unreadable or empty wavs, clips longer than `max_duration` seconds, NaN/inf samples.
 
     Without `skip_invalid` the first problem raises `KeSpeechChatError` (`MissingAudioError` for a missing file). With
     it, every rejected dialogue or turn is written to `report_path` as JSONL (``source, dialogue_id, field, reason``)
@@ -361,6 +379,12 @@ def _utterance(d: Dialogue, i: int, turn: Turn, max_duration: float) -> Utteranc
     duration = info.frames / info.samplerate
     if duration > max_duration:
         raise fail(f"clip is {duration:.2f} s, longer than max_duration {max_duration} s: {path}")
+    if info.subtype in ("FLOAT", "DOUBLE"):
+        # Only float wavs can hold NaN/inf (PCM cannot, so those stay header-only): read these now, so a bad clip is
+        # reported or skipped here instead of failing later inside a litdata worker of `prepare`.
+        data, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        if not np.isfinite(data).all():
+            raise fail(f"{int((~np.isfinite(data)).sum())} NaN/inf samples: {path}")
     info_spk = d.speakers[turn.speaker]
     language = next(ch["language"] for ch in d.channels if ch["channel_index"] == turn.channel)
     words = tuple((w.word, w.start, w.end) for w in turn.words) if turn.words is not None else None

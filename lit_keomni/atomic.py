@@ -40,7 +40,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
         trash = final.with_name(f".{final.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(trash, final)  # put the previous folder back: a failed write must not lose it
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)

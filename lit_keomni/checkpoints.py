@@ -190,8 +190,29 @@ def check_hf_whisper_config(hf: Mapping[str, Any], ours: Mapping[str, Any], sour
 # ---------------------------------------------------------------------------------------------------- Lightning
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint file is missing, truncated or damaged; the message names the file."""
+
+    @classmethod
+    def unreadable(cls, path: Any, error: BaseException) -> "CheckpointLoadError":
+        size = f"{Path(path).stat().st_size} bytes" if Path(path).is_file() else "missing"
+        cause = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        return cls(f"{path}: cannot load this checkpoint ({size}), it is probably truncated or damaged: {cause}. "
+                   f"Resume from another checkpoint, or start without --ckpt_path.")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temp file in the same folder, fsynced, then renamed over the target."""
+    """Lightning checkpoints written to a temp file in the same folder, fsynced, then renamed over the target; a
+    file that cannot be read back raises one `CheckpointLoadError` naming it (not torch's zip-reader traceback)."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(path) and not Path(path).is_file():
+            raise CheckpointLoadError(f"{path}: checkpoint file not found")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception as e:  # torch raises RuntimeError (zip reader), EOFError or UnpicklingError for bad files
+            raise CheckpointLoadError.unreadable(path, e) from e
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         target = Path(path)

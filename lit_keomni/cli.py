@@ -13,7 +13,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from lit_keomni.checkpoints import AtomicCheckpointIO
+from lit_keomni.checkpoints import AtomicCheckpointIO, CheckpointLoadError
+from lit_keomni.guards import NonFiniteError
 
 STAGES = {
     "stage1": "speech tokenizer (Whisper encoder + 12.5 Hz VQ, ASR-supervised)  lit_keomni.stages.tokenizer.SpeechTokenizer",
@@ -64,6 +65,16 @@ class KeOmniCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of an explicit --ckpt_path file before any trainer exists: a
+        # truncated file must fail here with the same one-line error as AtomicCheckpointIO.load_checkpoint.
+        try:
+            super()._parse_ckpt_path()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise CheckpointLoadError.unreadable(self.config[self.config.subcommand].get("ckpt_path"), e) from e
 
     def instantiate_trainer(self, **kwargs):  # type: ignore[override]
         # Checkpoint files are always written atomically (temp file + rename), whatever the recipe says.
@@ -157,4 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command not in TRAINER_COMMANDS:
         sys.exit(f"error: unknown command {command!r}\n\n{usage()}")
-    KeOmniCLI(args=None if from_shell else argv)
+    try:
+        KeOmniCLI(args=None if from_shell else argv)
+    except (CheckpointLoadError, NonFiniteError, FileNotFoundError) as e:
+        # a missing export/tokenizer/checkpoint or a NaN stop: the message names the file or the step and sample
+        # ids, the trainer's traceback adds nothing
+        sys.exit(f"error: {e}")

@@ -67,7 +67,9 @@ def apply_fsdp(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root keeps FSDP's default (no reshard after forward): backward needs it at once, and the module's methods
+    # may use its parameters after a forward (e.g. a CTC head on the encoder output).
+    fully_shard(module, mesh=mesh, mp_policy=mp)
     groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
     module.register_forward_pre_hook(_EvalGather(module, groups, reshard_after_forward), prepend=True)
     return module
@@ -86,7 +88,7 @@ def _checkpoint_blocks(module: nn.Module, blocks: list[nn.Module]) -> list[nn.Mo
             raise ValueError(f"apply_fsdp: block {type(block).__name__} is not a submodule of {type(module).__name__}")
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        new = checkpoint_wrapper(block, preserve_rng_state=False)
+        new = checkpoint_wrapper(block)  # keeps the RNG state, so recomputed dropout masks match the forward's
         parent.register_module(child, new)
         wrapped.append(new)
     return wrapped

@@ -1,11 +1,10 @@
 """Guards against non-finite training: a NaN/inf loss or gradient never reaches the weights or a checkpoint.
 
-``NonFiniteGuard`` records each batch's sample ids (``batch["id"]``), notes a non-finite loss in ``on_before_backward``
-and checks the gradients in ``on_before_optimizer_step`` — after backward (and after AMP unscaling) but before
-gradient clipping and ``optimizer.step``, the last moment before any weight changes. Then:
-
-Either way the module's floating-point buffers are first restored to their values before the batch (the forward
-pass may have fed NaN into an EMA codebook; the copy costs one buffer-sized memcpy per step). Then:
+``NonFiniteGuard`` records each batch's sample ids (``batch["id"]``) and its loss (``on_before_backward``), and checks
+loss and gradients in ``on_before_optimizer_step`` — after backward (and AMP unscaling), before gradient clipping and
+``optimizer.step``: the last moment before any weight changes, with one device sync per step. On a non-finite value
+the module's floating-point buffers are first restored to their values before the batch (the forward pass may have
+fed NaN into an EMA codebook; keeping the copy costs one buffer-sized memcpy per step). Then:
 
 - ``mode="stop"`` (default) raises `NonFiniteError` naming the global step and the sample ids. No weight has been
   updated, so no checkpoint with NaN weights is written (not even by an ``OnExceptionCheckpoint``) and ``last.ckpt``
@@ -21,7 +20,6 @@ or skips together.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Literal
 
@@ -53,7 +51,7 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0
         """Batches skipped so far (saved in checkpoints, so the count survives a resume)."""
         self._ids: list[Any] = []  # sample ids of the micro-batches since the last optimizer step
-        self._bad_loss: float | None = None
+        self._losses: list[Tensor] = []  # their losses, kept on the device: no sync before backward
         self._buffers: dict[str, Tensor] | None = None
         self._window_done = True
 
@@ -61,25 +59,30 @@ class NonFiniteGuard(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._window_done:  # first micro-batch since the last optimizer step
             self._window_done = False
-            self._ids, self._bad_loss = [], None
+            self._ids, self._losses = [], []
             # The forward pass may update buffers (an EMA codebook): keep a copy, restored if this step is bad.
             self._buffers = {k: b.detach().clone() for k, b in pl_module.named_buffers() if b.is_floating_point()}
         ids = batch.get("id") if isinstance(batch, dict) else None
         self._ids.extend(ids if isinstance(ids, (list, tuple)) else [f"batch {batch_idx}"] if ids is None else [ids])
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        value = float(loss.detach().float())
-        if not math.isfinite(value) and self._bad_loss is None:
-            self._bad_loss = value
+        self._losses.append(loss.detach())
 
     # ------------------------------------------------------------------ decide
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         self._window_done = True
-        reason = f"loss is {self._bad_loss}" if self._bad_loss is not None else None
-        if reason is None and self.check_grads and not self._scaler_active(trainer):
-            bad = _nonfinite_grads(pl_module)
-            if bad:
-                reason = f"non-finite gradients in {len(bad)} parameters ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''})"
+        checks = [("loss", loss) for loss in self._losses]
+        if self.check_grads and not self._scaler_active(trainer):
+            checks += [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        # FSDP gradients are DTensors: check this rank's shard (the ranks' verdicts are combined below)
+        local = [t.to_local() if hasattr(t, "to_local") else t for _, t in checks]
+        ok = torch.stack([torch.isfinite(t).all() for t in local]).tolist() if local else []  # the one device sync
+        bad = [name for (name, _), good in zip(checks, ok) if not good]
+        reason = None
+        if "loss" in bad:
+            reason = f"loss is {next(float(t) for (n, t), good in zip(checks, ok) if n == 'loss' and not good)}"
+        elif bad:
+            reason = f"non-finite gradients in {len(bad)} parameters ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''})"
         if trainer.world_size > 1:  # every rank must stop or skip together, or the next collective hangs
             anywhere = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
             if anywhere and reason is None:
@@ -122,15 +125,6 @@ class NonFiniteGuard(L.Callback):
     @staticmethod
     def _scaler_active(trainer: L.Trainer) -> bool:
         return getattr(trainer.precision_plugin, "scaler", None) is not None
-
-
-def _nonfinite_grads(module: torch.nn.Module) -> list[str]:
-    """Names of parameters whose gradient holds a NaN/inf (one device sync for the whole model)."""
-    named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
-    if not named:
-        return []
-    flags = torch.stack([torch.isfinite(g).all() for _, g in named]).cpu()
-    return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
 
 
 def _short_list(ids: list[Any], limit: int = 16) -> str:

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from lit_keomni.checkpoints import AtomicCheckpointIO, CheckpointLoadError
 from lit_keomni.guards import NonFiniteError, NonFiniteGuard
 from tests.conftest import STAGE1_TINY
 from tests.test_stage1 import LossRecorder, make
@@ -81,23 +82,25 @@ def test_guard_stop_raises_before_the_step_and_keeps_last_ckpt_good(prepared, tm
 
 
 def test_guard_skip_drops_the_batch_counts_and_keeps_weights(prepared, tmp_path):
-    poison, watch, rec = PoisonAudio({2, 4}), WeightWatch(), LossRecorder()
+    # step 0: before the VQ switch (step 3), the NaN batch's features must not reach the k-means codebook init;
+    # step 4: VQ on, the NaN reaches the EMA codebook in the forward pass (the guard restores the buffers)
+    poison, watch, rec = PoisonAudio({0, 4}), WeightWatch(), LossRecorder()
     guard = NonFiniteGuard("skip")
-    # VQ on from step 1, so the NaN also reaches the EMA codebook in the forward pass (restored by the guard)
-    model, data, trainer = make(prepared, tmp_path, 6, [poison, guard, watch, rec], vq_start=0.2)
+    model, data, trainer = make(prepared, tmp_path, 6, [poison, guard, watch, rec], vq_start=0.5)
     with pytest.warns(UserWarning, match="skipped the batch with sample ids") as warned:
         trainer.fit(model, data)
     assert trainer.global_step == 6 and guard.skipped == 2
     assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 2.0
     text = " ".join(str(w.message) for w in warned)
-    assert all(repr(i) in text for step in (2, 4) for i in poison.ids[step])
-    for step in (2, 4):
+    assert all(repr(i) in text for step in (0, 4) for i in poison.ids[step])
+    for step in (0, 4):
         assert rec.losses[step + 1] != rec.losses[step + 1]  # NaN: that batch's loss
         for k, v in watch.before[step].items():  # ... and the step changed no weight and no buffer
             assert torch.equal(v, watch.after[step][k]), (step, k)
-    for step in (1, 3, 5):  # the other steps trained
+    for step in (1, 2, 3, 5):  # the other steps trained, on finite losses
+        assert rec.losses[step + 1] == rec.losses[step + 1]
         assert any(not torch.equal(v, watch.after[step][k]) for k, v in watch.before[step].items() if "weight" in k)
-    assert _all_finite(model.state_dict())
+    assert model.model.encoder.use_vq and _all_finite(model.state_dict())
     assert guard.state_dict() == {"skipped": 2}
 
 
@@ -114,3 +117,127 @@ def test_guard_checks_gradients_too(prepared, tmp_path):
         trainer.fit(model, data)
     with pytest.raises(ValueError, match="mode must be 'stop' or 'skip'"):
         NonFiniteGuard("ignore")
+
+
+# ---------------------------------------------------------------------------------------------- crash and resume
+STEPS, EVERY = 8, 2
+
+
+def _outputs_config(run: Path, stage: str) -> Path:
+    """The second ``--config``: every output under ``run``, a CSVLogger logging each step, a checkpoint every
+    ``EVERY`` steps, validation once mid-run, the guard and the export (the recipe's callbacks list is replaced)."""
+    cfg = {
+        "trainer": {
+            "default_root_dir": str(run / "root"), "max_steps": STEPS, "precision": "32-true",
+            "log_every_n_steps": 1, "val_check_interval": STEPS // 2, "limit_val_batches": 1,
+            "enable_model_summary": False, "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(run / "logs"), "name": stage}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(run / "ckpt"), "save_last": True, "save_top_k": 0,
+                               "every_n_train_steps": EVERY}},
+                {"class_path": "lit_keomni.guards.NonFiniteGuard"},
+                {"class_path": "lit_keomni.checkpoints.Export"},
+            ],
+        },
+        "model": {"init_args": {"export_dir": str(run / "export")}},
+    }
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "outputs.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def _fit(stage: str, run: Path, args: list[str], *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lit_keomni", "fit", "--config", str(ROOT / "recipes" / f"{stage}.yaml"),
+           "--config", str(_outputs_config(run, stage)), *args, *extra]
+    log = open(run / f"log{len(list(run.glob('log*.txt')))}.txt", "w")
+    return subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+
+
+def _finish(proc: subprocess.Popen, run: Path, timeout: float = 240) -> None:
+    rc = proc.wait(timeout=timeout)
+    log = "".join(p.read_text() for p in sorted(run.glob("log*.txt")))
+    assert rc == 0, log[-4000:]
+
+
+def _losses(run: Path, stage: str) -> dict[int, float]:
+    """Per-step ``train/loss`` of the newest CSVLogger version under ``run``."""
+    import csv
+
+    versions = sorted((run / "logs" / stage).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(versions[-1] / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+
+
+def _crash_and_resume(stage: str, args: list[str], tmp_path: Path) -> tuple[dict, dict, int]:
+    full_run, crash_run = tmp_path / "full", tmp_path / "crash"
+    full = _fit(stage, full_run, args)  # the uninterrupted reference, side by side with the crashing run
+    crash = _fit(stage, crash_run, args)
+    last = crash_run / "ckpt" / "last.ckpt"
+    while not last.exists() and crash.poll() is None:
+        time.sleep(0.02)
+    crash.send_signal(signal.SIGKILL)
+    assert crash.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (crash_run / "export").exists()
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < STEPS
+    # what a kill in the middle of a checkpoint write leaves (AtomicCheckpointIO's temp file): never taken for "last"
+    (last.parent / ".last.ckpt.k1ll3d").write_bytes(b"PK\x03\x04 half a zip")
+    _finish(_fit(stage, crash_run, args, "--ckpt_path", "last"), crash_run)  # the same command, plus --ckpt_path last
+    _finish(full, full_run)
+    assert (crash_run / "export" / "model.safetensors").is_file()
+    return _losses(full_run, stage), _losses(crash_run, stage), step
+
+
+def _assert_same_after_resume(full: dict, resumed: dict, step: int) -> None:
+    assert sorted(full) == list(range(STEPS))
+    assert sorted(resumed) == list(range(step, STEPS)), (step, sorted(resumed))
+    for s in resumed:  # bit-identical on CPU in float32: same data position, RNG, schedule and VQ state
+        assert resumed[s] == full[s], (s, resumed[s], full[s])
+
+
+STAGE1_ARGS = ["--model.overrides", json.dumps(STAGE1_TINY), "--model.warmup_steps", "2", "--data.batch_size", "4",
+               "--data.num_workers", "0"]
+
+
+def test_stage1_sigkill_then_ckpt_path_last_matches_uninterrupted(prepared, tmp_path):
+    args = [*STAGE1_ARGS, "--model.tokenizer", str(prepared / "tokenizer.json"), "--data.data_dir", str(prepared),
+            "--model.kmeans_batches", "4", "--model.vq_start", "0.4"]  # VQ on at step 2: the resume crosses the switch
+    full, resumed, step = _crash_and_resume("stage1", args, tmp_path)
+    _assert_same_after_resume(full, resumed, step)
+
+
+def test_stage2_sigkill_then_ckpt_path_last_matches_uninterrupted(prepared, stage1_export, tmp_path):
+    from lit_keomni.speech_tokens import tokenize
+    from tests.test_stage2 import TINY_LM
+
+    tokens = tmp_path / "tokens"  # made once here: two runs side by side must not both build it
+    tokenize(stage1_export, prepared, tokens, batch_size=8, workers=1)
+    args = ["--model.overrides", json.dumps(TINY_LM), "--model.speech_export", str(stage1_export),
+            "--model.warmup_steps", "2", "--model.val_generate_batches", "1",
+            "--data.speech_export", str(stage1_export), "--data.tokens_dir", str(tokens),
+            "--data.data_dir", str(prepared), "--data.batch_size", "4", "--data.num_workers", "0"]
+    full, resumed, step = _crash_and_resume("stage2", args, tmp_path)
+    _assert_same_after_resume(full, resumed, step)
+
+
+
+def test_truncated_checkpoint_is_one_clear_error(prepared, tmp_path):
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "run" / "ckpt", save_last=True, save_top_k=0,
+                                               every_n_train_steps=1)
+    model, data, trainer = make(prepared, tmp_path, 1, [ckpt])
+    trainer.fit(model, data)
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    whole = last.read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])
+    args = [*STAGE1_ARGS, "--model.tokenizer", str(prepared / "tokenizer.json"), "--data.data_dir", str(prepared)]
+    for ckpt_path in (str(last), "last"):  # read by LightningCLI for its hparams / by the trainer to restore
+        proc = _fit("stage1", tmp_path / "run", args, "--ckpt_path", ckpt_path)
+        assert proc.wait(timeout=120) == 1
+        out = sorted((tmp_path / "run").glob("log*.txt"))[-1].read_text()
+        assert "Traceback" not in out, out[-3000:]
+        assert f"error: {last}: cannot load this checkpoint ({len(whole) // 2} bytes), it is probably truncated" in out
+    with pytest.raises(CheckpointLoadError, match="checkpoint file not found"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "nowhere.ckpt")

@@ -81,6 +81,7 @@ class SpeechTokenizer(L.LightningModule):
         spec_augment: bool = True,
         val_decode_batches: int = 8,
         export_dir: str | None = "checkpoints/stage1/export",
+        activation_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -98,6 +99,8 @@ class SpeechTokenizer(L.LightningModule):
             spec_augment: Frequency/time masking on training mels.
             val_decode_batches: Validation batches decoded (greedy) for CER/WER; the loss uses all.
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
+            activation_checkpointing: Recompute each block in backward instead of storing its activations
+                (FSDP runs only; trades ~30 % more compute for memory).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -126,7 +129,8 @@ class SpeechTokenizer(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per encoder/decoder layer
             apply_fsdp(self.model, self.device_mesh["data_parallel"],
                        blocks=[*self.model.encoder.layers, *self.model.decoder.layers],
-                       param_dtype=fsdp_param_dtype(self.trainer.precision))
+                       param_dtype=fsdp_param_dtype(self.trainer.precision),
+                       activation_checkpointing=self.hparams.activation_checkpointing)
 
     def _load_hf_whisper(self, folder: str) -> None:
         hf_config, state = read_hf_folder(folder)

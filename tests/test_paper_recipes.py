@@ -1,0 +1,79 @@
+"""recipes/paper/: they parse, carry the seed's hyper-parameters (seeds/003 App. B.1, B.3), describe a launch whose
+batch arithmetic holds, and name model presets of the seed's sizes (built on the meta device, no memory)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_keomni.cli import main
+from lit_keomni.configs import SpeechTokenizerConfig, TransformerConfig
+from lit_keomni.nn.transformer import Transformer
+from lit_keomni.nn.whisper import SpeechTokenizerModel
+from lit_keomni.text.tokenizer import ROLE_TOKENS
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "recipes" / "paper"
+
+
+def printed(recipe: Path, capsys, monkeypatch) -> dict:
+    """The recipe as ``python -m lit_keomni fit --config RECIPE --print_config`` prints it, parsed."""
+    monkeypatch.setattr(sys, "argv", ["lit_keomni"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("stage, global_batch", [(1, 4096), (2, 256)])
+def test_paper_recipe_launch_arithmetic(stage, global_batch, capsys, monkeypatch):
+    cfg = printed(PAPER / f"stage{stage}.yaml", capsys, monkeypatch)
+    t = cfg["trainer"]
+    assert t["accelerator"] == "cuda" and t["precision"] == "bf16-mixed"
+    assert t["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    mesh = t["strategy"]["init_args"]
+    assert mesh["data_parallel_size"] == t["num_nodes"] * t["devices"] and mesh["tensor_parallel_size"] == 1
+    per_step = mesh["data_parallel_size"] * cfg["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"]
+    assert per_step == global_batch
+    callbacks = [c["class_path"] for c in t["callbacks"]]
+    assert callbacks[-1] == "lit_keomni.checkpoints.Export"
+
+
+def test_paper_stage1_is_whisper_large_v3_at_12_5hz(capsys, monkeypatch):
+    m = printed(PAPER / "stage1.yaml", capsys, monkeypatch)["model"]["init_args"]
+    assert (m["lr"], m["vq_start"], m["ctc_weight"]) == (1e-5, 0.0, 0.0) and m["init_from"]
+    c = SpeechTokenizerConfig.from_name(m["config"], **(m["overrides"] or {}))
+    assert (c.frame_rate_hz, c.codebook_size, c.vq_decay, c.commitment) == (12.5, 16384, 0.99, 10.0)
+    assert c.block_seconds == 2.0  # block-causal attention, 2 s blocks (Table 11)
+    with torch.device("meta"):
+        model = SpeechTokenizerModel(c)
+    # HF WhisperForConditionalGeneration(whisper-large-v3) has 1,543,490,560 parameters; its fixed 1500 x 1280
+    # encoder position table is a buffer here. The VQ codebook is an EMA buffer; the unused CTC head is not counted.
+    assert n_params(model.encoder) + n_params(model.decoder) + 1500 * 1280 == 1_543_490_560
+    assert n_params(model.encoder.quantizer) == 0 and model.encoder.quantizer.codebook.shape == (16384, 1280)
+
+
+def test_paper_stage2_is_the_1_5b_text_to_token_model(capsys, monkeypatch):
+    m = printed(PAPER / "stage2.yaml", capsys, monkeypatch)["model"]["init_args"]
+    assert (m["lr"], m["min_lr_ratio"], m["weight_decay"]) == (4e-4, 0.1, 0.1)
+    c = TransformerConfig.from_name(m["config"], **(m["overrides"] or {}))
+    # Table 12: 28 layers, hidden 2048, FFN 6144, 16 heads of 128, group size 4, vocab 59,264 (no speech tokens);
+    # GLM: bias on q/k/v only, untied output layer.
+    h, layers, ffn, kv, vocab = 2048, 28, 6144, 4 * 128, 59264
+    block = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * ffn + 2 * h
+    text_only = 2 * vocab * h + layers * block + h
+    with torch.device("meta"):
+        model = Transformer(c)
+    assert n_params(model) == text_only and 1.5e9 < text_only < 1.65e9
+    speech = 16384 + len(ROLE_TOKENS)  # the stage-1 export's 12.5 Hz codebook and the dialogue markers
+    with torch.device("meta"):
+        model = Transformer(c.replace(vocab_size=vocab + speech))
+    rows = model.config.padded_vocab_size - vocab
+    assert n_params(model) == text_only + 2 * rows * h and rows - speech < c.padded_vocab_multiple
