@@ -216,7 +216,7 @@ def test_stage2_sigkill_then_ckpt_path_last_matches_uninterrupted(prepared, stag
     tokens = tmp_path / "tokens"  # made once here: two runs side by side must not both build it
     tokenize(stage1_export, prepared, tokens, batch_size=8, workers=1)
     args = ["--model.overrides", json.dumps(TINY_LM), "--model.speech_export", str(stage1_export),
-            "--model.warmup_steps", "2", "--model.val_generate_batches", "1",
+            "--model.warmup_steps", "2", "--model.val_generate_batches", "0",
             "--data.speech_export", str(stage1_export), "--data.tokens_dir", str(tokens),
             "--data.data_dir", str(prepared), "--data.batch_size", "4", "--data.num_workers", "0"]
     full, resumed, step = _crash_and_resume("stage2", args, tmp_path)
