@@ -101,7 +101,7 @@ def prepare(
     max_duration: float = 30.0,
     val_fraction: float = 0.06,
     skip_invalid: bool = False,
-    tokenizer_vocab: int = 1000,
+    tokenizer_vocab: int = 600,
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -201,7 +201,7 @@ class StreamingDataModule(L.LightningDataModule):
             data_dir: Folder of prepared chunks (``chunks/train``, ``chunks/val``, ``tokenizer.json``); built if missing.
             source: Ke-SpeechChat dialogues to prepare into ``data_dir`` (folder, JSON list or JSONL); None = built-in corpus.
             batch_size: Examples per batch and device.
-            num_workers: Loader worker processes (also used by ``prepare``).
+            num_workers: Loader worker processes (``prepare`` uses every CPU core).
             seed: Seed of the built-in corpus and of the shuffling order.
             num_dialogues: Size of the built-in corpus.
             sample_rate: Sample rate audio is stored at in the chunks.
@@ -233,7 +233,7 @@ class StreamingDataModule(L.LightningDataModule):
         if not is_prepared(self.data_dir):
             prepare(self.data_dir, self.source, num_dialogues=self.num_dialogues, seed=self.seed,
                     sample_rate=self.sample_rate, max_duration=self.max_duration, val_fraction=self.val_fraction,
-                    skip_invalid=self.skip_invalid, workers=max(1, self.num_workers))
+                    skip_invalid=self.skip_invalid, workers=os.cpu_count() or 1)
 
     # Plain module-level functions, not bound methods: loader workers may be spawned, and pickling a bound method
     # would drag the whole DataModule (and its Trainer) into every worker.

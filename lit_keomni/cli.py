@@ -97,7 +97,9 @@ def prepare_command(argv: list[str]) -> None:
     p.add_argument("--sample-rate", type=int, default=22050, help="rate audio is stored at (other rates are resampled)")
     p.add_argument("--max-duration", type=float, default=30.0, help="longest accepted clip in seconds")
     p.add_argument("--val-fraction", type=float, default=0.06, help="fraction of dialogues held out for validation")
-    p.add_argument("--tokenizer-vocab", type=int, default=1000, help="vocabulary of the BPE trained on the transcripts")
+    p.add_argument("--tokenizer-vocab", type=int, default=600,
+                   help="BPE vocabulary trained on the transcripts (small: every Chinese character plus a few hundred "
+                        "English pieces, which a tiny ASR model learns from little data)")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip invalid dialogues/turns, writing each with its reason to OUT/rejected.jsonl, instead of stopping")

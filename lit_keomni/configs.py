@@ -93,7 +93,10 @@ class SpeechTokenizerConfig(_Registered):
     """Block size in 50 Hz frames (None = bidirectional)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(d_model=192, n_head=4, ffn_dim=768, encoder_layers=4, vq_position=2, decoder_layers=2, codebook_size=1024),
+        # CPU size; commitment 0.25 (van den Oord et al.): the paper's 10 is for a trained Whisper, and with a young
+        # encoder it collapsed the codebook to a few dozen codes in our runs.
+        "tiny": dict(d_model=192, n_head=4, ffn_dim=768, encoder_layers=4, vq_position=2, decoder_layers=2, codebook_size=1024,
+                     commitment=0.25),
         # whisper-large-v3 fine-tuned with 12.5 Hz pooling and a 16,384-code VQ (seed 003 App. B.1; GLM-4-Voice tokenizer
         # puts pooling and VQ after layer 16 of 32).
         "whisper-large-v3-12.5hz": dict(
