@@ -74,6 +74,15 @@ def grad_norm(module: nn.Module) -> torch.Tensor | None:
     return torch.stack(norms).norm() if norms else None
 
 
+def gather_lists(values: dict[str, list]) -> dict[str, list]:
+    """Concatenate per-rank lists (e.g. validation references and hypotheses) across ranks; identity on one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    return {k: sum((g[k] for g in gathered), []) for k in values}
+
+
 class TokenThroughput(L.Callback):
     """Logs training tokens/s (from ``batch["n_tokens"]``) and, on CUDA, model FLOPs utilisation (MFU) from the
     module's ``flops_per_token`` and the device's peak bf16/fp32 FLOPs."""

@@ -28,7 +28,7 @@ from lit_keomni.eval.asr import error_rate
 from lit_keomni.generate import generate
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.text.templates import END_AUDIO, tts
-from lit_keomni.training import adamw_with_schedule, grad_norm, rng_state, set_rng_state
+from lit_keomni.training import adamw_with_schedule, gather_lists, grad_norm, rng_state, set_rng_state
 
 EXPORT_KIND = "text_to_token"
 
@@ -176,11 +176,7 @@ class TextToToken(L.LightningModule):
         return [judge_tok.decode(i) for i in ids]
 
     def on_validation_epoch_end(self) -> None:
-        v = self._val
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, v)
-            v = {k: sum((g[k] for g in gathered), []) for k in v}
+        v = gather_lists(self._val)
         if not v["ref"]:
             return
         scores = error_rate(v["ref"], v["hyp"], v["lang"])

@@ -37,7 +37,7 @@ from lit_keomni.eval.asr import error_rate
 from lit_keomni.nn.audio import LogMel, mel_spectrogram_image
 from lit_keomni.nn.whisper import SpeechTokenizerModel
 from lit_keomni.text.tokenizer import TextTokenizer
-from lit_keomni.training import adamw_with_schedule, grad_norm, rng_state, set_rng_state
+from lit_keomni.training import adamw_with_schedule, gather_lists, grad_norm, rng_state, set_rng_state
 
 EXPORT_KIND = "speech_tokenizer"
 SAMPLE_RATE = 16_000
@@ -262,11 +262,7 @@ class SpeechTokenizer(L.LightningModule):
         exp.add_text("val/transcript", f"ref: {batch['text'][0]}  \nhyp: {self._val['hyp'][0]}", self.global_step)
 
     def on_validation_epoch_end(self) -> None:
-        v = self._val
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, v)
-            v = {k: sum((g[k] for g in gathered), []) for k in v}
+        v = gather_lists(self._val)
         if not v["ref"]:
             return
         for name, hyps in (("", v["hyp"]), ("ctc_", v["ctc"])):
