@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +35,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import soxr
+
+from lit_keomni.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -447,16 +447,5 @@ def dialogue_to_dict(d: Dialogue) -> dict:
 
 def write_dialogue(d: Dialogue | dict, path: Path) -> None:
     """Write one dialogue as pretty UTF-8 JSON, atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
     obj = dialogue_to_dict(d) if isinstance(d, Dialogue) else d
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a corpus file should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, obj)

@@ -10,24 +10,33 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to a temp file beside ``path``, fsync, rename over ``path``."""
+@contextmanager
+def staged_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Yield a file open on a temp name beside ``path``; on success it is fsynced and renamed over ``path``, on any
+    error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result should be readable like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
+    with staged_file(path, "w") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

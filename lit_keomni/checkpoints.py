@@ -9,8 +9,6 @@ under a temporary name and renamed, so a crash never leaves a half export that a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 
-from lit_keomni.atomic import staged_dir, write_json
+from lit_keomni.atomic import staged_dir, staged_file, write_json
 from torch import Tensor
 
 EXPORT_VERSION = 1
@@ -215,18 +213,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointLoadError.unreadable(path, e) from e
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with staged_file(path, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 class Export(L.Callback):

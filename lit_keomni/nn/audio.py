@@ -12,7 +12,6 @@ Files are read and written with soundfile and resampled with soxr; nothing here 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import soxr
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lit_keomni.atomic import staged_file
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -153,18 +154,8 @@ def save_wav(path: str | os.PathLike, wav: np.ndarray | Tensor, sample_rate: int
     if isinstance(wav, Tensor):
         wav = wav.detach().float().cpu().numpy()
     wav = np.clip(np.asarray(wav, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder, so os.replace is a rename within one file system (atomic).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with staged_file(path, "wb") as f:
+        sf.write(f, wav, sample_rate, subtype="PCM_16", format="WAV")
 
 
 # A small perceptually ordered colormap (anchors sampled from matplotlib's "magma"): dark = quiet, bright = loud.
