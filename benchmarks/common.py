@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+
+import torch
 from typing import Any
 
 
@@ -20,3 +22,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def machine_line(device: torch.device) -> str:
+    """Device, torch threads and library versions: the first line of every benchmark's output."""
+    import transformers
+
+    hw = (f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+          else f"CPU: {cpu_model()}  |  torch threads: {torch.get_num_threads()}")
+    return f"{hw}  |  torch {torch.__version__}, transformers {transformers.__version__}"

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import transformers
 
-from common import SMALL_LM, cpu_model
+from common import SMALL_LM, machine_line
 from lit_keomni.checkpoints import save_hf_llama
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.generate import generate
@@ -117,11 +117,7 @@ def main() -> None:
     t_ours, t_hf = (statistics.median(t) for t in times)
     tokens = a.batch * a.new
 
-    if device.type == "cuda":
-        hw = f"GPU: {torch.cuda.get_device_name(device)}"
-    else:
-        hw = f"CPU: {cpu_model()}  |  torch threads: {torch.get_num_threads()}"
-    print(f"{hw}  |  torch {torch.__version__}, transformers {transformers.__version__}")
+    print(machine_line(device))
     print(f"config {a.preset!r}: vocab={cfg.vocab_size} layers={cfg.n_layer} n_embd={cfg.n_embd} heads={cfg.n_head} "
           f"kv_heads={cfg.n_kv_head} intermediate={cfg.intermediate_size} tied={cfg.tie_embeddings}; "
           f"{sum(t.numel() for t in ours.parameters()) / 1e6:.2f} M params, {a.dtype}")

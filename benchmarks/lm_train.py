@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
-from common import SMALL_LM, cpu_model
+from common import SMALL_LM, machine_line
 from lit_keomni.checkpoints import llama_to_hf
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.nn.transformer import Transformer
@@ -146,11 +146,7 @@ def main() -> None:
     t_ours, t_hf = (statistics.median(t) for t in times)
     tokens = a.batch * a.seq
 
-    if device.type == "cuda":
-        hw = f"GPU: {torch.cuda.get_device_name(device)}"
-    else:
-        hw = f"CPU: {cpu_model()}  |  torch threads: {torch.get_num_threads()}"
-    print(f"{hw}  |  torch {torch.__version__}, transformers {transformers.__version__}")
+    print(machine_line(device))
     print(f"config {a.preset!r}: vocab={cfg.vocab_size} (ours padded to {cfg.padded_vocab_size}) layers={cfg.n_layer} "
           f"n_embd={cfg.n_embd} heads={cfg.n_head} kv_heads={cfg.n_kv_head} intermediate={cfg.intermediate_size} "
           f"tied={cfg.tie_embeddings}; params ours {n_ours / 1e6:.2f} M, HF {n_hf / 1e6:.2f} M")

@@ -29,7 +29,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from common import cpu_model
+from common import machine_line
 from lit_keomni.configs import SpeechTokenizerConfig
 from lit_keomni.nn.audio import LogMel
 from lit_keomni.nn.whisper import SpeechTokenizerModel
@@ -128,8 +128,7 @@ def main() -> None:
         results = [(name, t[2 * i], t[2 * i + 1]) for i, (name, _, _) in enumerate(rows)]
         t_mel, t_enc, t_enc30 = t[-3:]
 
-    print(f"CPU: {cpu_model()}  |  torch threads: {torch.get_num_threads()}  |  torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(machine_line(torch.device("cpu")))
     print(f"config {a.preset!r}: d_model={cfg.d_model} heads={cfg.n_head} ffn={cfg.ffn_dim} mels={cfg.n_mels} "
           f"layers={cfg.encoder_layers} (VQ after {cfg.vq_position}, pool {cfg.pool}, block "
           f"{cfg.block_seconds} s, causal conv {cfg.causal_conv}); encoder params ours {n_ours / 1e6:.2f} M, "
