@@ -422,13 +422,14 @@ def lm_tokenizer(speech_export: str | Path) -> tuple[Any, dict[str, Any]]:
     return tokenizer, meta
 
 
-def load_text_to_token(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """Stage-2 export -> (``Transformer`` in eval mode, its speech-extended ``TextTokenizer``, export metadata)."""
+def load_lm(path: str | Path, kind: str = "speech_lm") -> tuple[Any, Any, dict[str, Any]]:
+    """An LM export (stage 2 ``text_to_token``, stages 3-4 ``speech_lm``) -> (``Transformer`` in eval mode, its
+    speech-extended ``TextTokenizer``, export metadata); tokenizer, codebook and vocabulary sizes are checked."""
     from lit_keomni.configs import TransformerConfig
     from lit_keomni.nn.transformer import Transformer
     from lit_keomni.text.tokenizer import TextTokenizer
 
-    exp = load_export(path, "text_to_token")
+    exp = load_export(path, kind)
     config = TransformerConfig.from_dict(exp.config, source=str(exp.path / CONFIG_FILE))
     tokenizer = TextTokenizer.from_file(exp.path / "tokenizer.json")
     codebook = exp.meta["speech_tokenizer"]["codebook_size"]
@@ -441,6 +442,11 @@ def load_text_to_token(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     model = Transformer(config)
     load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
     return model.eval(), tokenizer, exp.meta
+
+
+def load_text_to_token(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Stage-2 export -> (``Transformer`` in eval mode, its speech-extended ``TextTokenizer``, export metadata)."""
+    return load_lm(path, "text_to_token")
 
 
 def export_fingerprint(path: str | Path) -> str:

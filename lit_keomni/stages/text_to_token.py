@@ -18,14 +18,14 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lit_keomni.checkpoints import llama_from_hf, lm_tokenizer, load_hf_llama, load_speech_tokenizer, write_export
+from lit_keomni.checkpoints import lm_tokenizer, load_speech_tokenizer, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
 from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.generate import generate
+from lit_keomni.lm import build_lm, flops_per_token, masked_lm_loss
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.text.templates import END_AUDIO, tts
 from lit_keomni.training import adamw_with_schedule, gather_lists, grad_norm, rng_state, set_rng_state
@@ -85,25 +85,9 @@ class TextToToken(L.LightningModule):
         if self.model is not None:
             return
         self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export)
-        vocab = self.text_tokenizer.vocab_size
-        if self.hparams.init_from:
-            hf_config, state = load_hf_llama(self.hparams.init_from)
-            keep = {k: getattr(self.model_config, k) for k in ("block_size",)}
-            self.model_config = hf_config.replace(**keep)
-            self.model = Transformer(self.model_config)
-            self.model.load_state_dict(llama_from_hf(state, self.model_config, source=self.hparams.init_from))
-            if vocab < self.model_config.vocab_size:
-                raise ValueError(f"{self.hparams.init_from}: the LM has {self.model_config.vocab_size} tokens but the "
-                                 f"stage-1 tokenizer only {vocab}: use the LM's tokenizer.json in stage 1")
-            self.model.resize_token_embeddings(vocab)
-            self.model_config = self.model.config
-        else:
-            self.model_config = self.model_config.replace(vocab_size=vocab)
-            self.model = Transformer(self.model_config)
-        n = sum(p.numel() for p in self.model.parameters())
-        # 6 FLOPs per parameter per token (forward + backward) plus attention, for MFU
-        c = self.model_config
-        self.flops_per_token = 6 * n + 12 * c.n_layer * c.n_embd * min(c.block_size, 512)
+        self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
+        self.model_config = self.model.config
+        self.flops_per_token = flops_per_token(self.model)  # for MFU
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
             apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.blocks,
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
@@ -114,12 +98,7 @@ class TextToToken(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        logits = self(batch["input"])
-        target = batch["target"]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
-        trained = target != -100
-        acc = (logits.argmax(-1)[trained] == target[trained]).float().mean()
-        return loss, acc
+        return masked_lm_loss(self(batch["input"]), batch["target"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, acc = self._loss(batch)

@@ -2,21 +2,52 @@
 
 A sequence is a list of segments, each ``(ids, trained)``; ``build`` concatenates them and returns the ids and a
 boolean mask of the positions whose *prediction* is trained (the loss at position t is on predicting ids[t]).
-Templates (GLM-4-Voice §2.2 and Appendix E):
+Templates (GLM-4-Voice §2.2, §2.3 and Appendix F "Prompt template for spoken dialogue"; KE-Omni §4):
 - TTS / text-to-token: ``text <|begin_of_audio|> speech <|end_of_audio|>``, loss on speech and the end marker.
+- ASR: ``<|begin_of_audio|> speech <|end_of_audio|> text <|eos|>``, loss on the text and ``<|eos|>``.
+- text document: ``text <|eos|>``, speech document: ``<|begin_of_audio|> speech <|end_of_audio|>``; all trained.
+- GLM-4-Voice dialogue, ``direct`` and ``text_guided`` (Appendix F, system prompt and line breaks included), one block
+  per exchange; loss on the assistant side only.
+- KE-Omni dialogue: the user's speech is a run of ``<|pad|>`` slots that the speech adapter's frames replace; the
+  answer is text ending in ``<|eos|>``.
+
+Dialogue templates are rendered as one string (speech as ``<|audio_k|>``) and tokenized in one call, so the ids are
+exactly those of the written template; a token is trained when its first character lies in a trained piece.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lit_keomni.text.tokenizer import TextTokenizer
+from lit_keomni.text.tokenizer import EOS, PAD, TextTokenizer, audio_token
 
 BEGIN_AUDIO = "<|begin_of_audio|>"
 END_AUDIO = "<|end_of_audio|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+GLM_SYSTEM_PROMPT = ("User will provide you with a speech instruction. Think about the instruction and speak the "
+                     "response aloud directly.")
+"""System prompt of GLM-4-Voice's spoken-dialogue templates (seed 003, Appendix F)."""
+KEOMNI_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer the user's spoken question briefly."
+"""System prompt of the KE-Omni mode (the seed does not print one)."""
+DIALOGUE_MODES = ("direct", "text_guided")
+
+
+@dataclass
+class Exchange:
+    """One user turn and the assistant's answer. ``user_codes``: the user's speech tokens (GLM mode);
+    ``user_frames``: speech-adapter frames of the user's audio (KE-Omni mode); ``text``/``codes``: the answer as text
+    and as speech tokens (``None`` for the exchange being generated)."""
+
+    user_codes: Sequence[int] | None = None
+    user_frames: int = 0
+    text: str | None = None
+    codes: Sequence[int] | None = None
 
 
 def build(segments: Sequence[tuple[Sequence[int], bool]]) -> tuple[list[int], list[bool]]:
@@ -46,3 +77,88 @@ def pad_batch(rows: Sequence[tuple[list[int], list[bool]]], pad_id: int) -> tupl
         idx[i, : len(ids)] = torch.tensor(ids)
         tgt[i, : len(ids)] = torch.tensor([t if m else -100 for t, m in zip(ids, mask)])
     return idx[:, :-1], tgt[:, 1:]
+
+
+def speech_string(codes: Sequence[int]) -> str:
+    """``<|begin_of_audio|><|audio_c0|>...<|end_of_audio|>`` for codebook indices ``codes``."""
+    return BEGIN_AUDIO + "".join(audio_token(int(c)) for c in codes) + END_AUDIO
+
+
+def render(tokenizer: TextTokenizer, pieces: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Tokenize the concatenated ``(text, trained)`` pieces in one call; a token is trained when its first character
+    lies in a trained piece."""
+    text = "".join(p for p, _ in pieces)
+    owner = []
+    for piece, trained in pieces:
+        owner.extend([trained] * len(piece))
+    enc = tokenizer.backend.encode(text, add_special_tokens=False)
+    mask = [bool(owner[start]) if start < len(owner) else False for start, _ in enc.offsets]
+    return list(enc.ids), mask
+
+
+def text_document(tokenizer: TextTokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """Unsupervised text: ``text <|eos|>``, every token trained."""
+    return build([([*tokenizer.encode(text), tokenizer.eos_id], True)])
+
+
+def speech_document(tokenizer: TextTokenizer, codes: Sequence[int]) -> tuple[list[int], list[bool]]:
+    """Unsupervised speech: ``<|begin_of_audio|> speech <|end_of_audio|>``, every token trained."""
+    return build([([tokenizer.token_to_id(BEGIN_AUDIO), *tokenizer.speech_to_ids(codes),
+                    tokenizer.token_to_id(END_AUDIO)], True)])
+
+
+def asr(tokenizer: TextTokenizer, codes: Sequence[int], text: str | None) -> tuple[list[int], list[bool]]:
+    """ASR pair: speech then its transcript; loss on the transcript and ``<|eos|>`` only. ``text=None``: the prompt."""
+    speech = [tokenizer.token_to_id(BEGIN_AUDIO), *tokenizer.speech_to_ids(codes), tokenizer.token_to_id(END_AUDIO)]
+    if text is None:
+        return build([(speech, False)])
+    return build([(speech, False), ([*tokenizer.encode(text), tokenizer.eos_id], True)])
+
+
+def glm_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange], mode: str = "text_guided",
+                 system_prompt: str = GLM_SYSTEM_PROMPT) -> tuple[list[int], list[bool]]:
+    """GLM-4-Voice spoken dialogue (Appendix F), multi-turn: history exchanges first, loss on every assistant part.
+
+    ``direct``:      ``<|assistant|>\n`` | ``<|begin_of_audio|>{speech}<|end_of_audio|>``
+    ``text_guided``: ``<|assistant|>transcript\n`` | ``{text}\n<|assistant|>\n<|begin_of_audio|>{speech}<|end_of_audio|>``
+    (``|`` separates prompt from trained part). An exchange whose ``codes`` are None ends the sequence with its
+    prompt, ready for generation.
+    """
+    if mode not in DIALOGUE_MODES:
+        raise ValueError(f"glm_dialogue: mode must be one of {DIALOGUE_MODES}, got {mode!r}")
+    pieces: list[tuple[str, bool]] = [(f"{SYSTEM}\n{system_prompt}\n", False)]
+    for k, ex in enumerate(exchanges):
+        if ex.user_codes is None:
+            raise ValueError(f"glm_dialogue: exchange {k} has no user speech tokens")
+        pieces.append((f"{'' if k == 0 else chr(10)}{USER}\n{speech_string(ex.user_codes)}\n", False))
+        opening = f"{ASSISTANT}\n" if mode == "direct" else f"{ASSISTANT}transcript\n"
+        pieces.append((opening, False))
+        if ex.codes is None:
+            if k != len(exchanges) - 1:
+                raise ValueError(f"glm_dialogue: only the last exchange may lack its answer (exchange {k})")
+            break
+        if mode == "direct":
+            pieces.append((speech_string(ex.codes), True))
+        else:
+            if ex.text is None:
+                raise ValueError(f"glm_dialogue: text_guided exchange {k} has no answer text")
+            pieces.append((f"{ex.text}\n{ASSISTANT}\n{speech_string(ex.codes)}", True))
+    return render(tokenizer, pieces)
+
+
+def keomni_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange],
+                    system_prompt: str = KEOMNI_SYSTEM_PROMPT) -> tuple[list[int], list[bool]]:
+    """KE-Omni prompt: ``<|system|>\n{prompt}\n<|user|>\n{speech slots}\n<|assistant|>\n`` | ``{text}<|eos|>`` per
+    exchange; each user turn is ``user_frames`` ``<|pad|>`` slots, replaced by speech-adapter frames in the model.
+    An exchange whose ``text`` is None ends the sequence with its prompt."""
+    pieces: list[tuple[str, bool]] = [(f"{SYSTEM}\n{system_prompt}\n", False)]
+    for k, ex in enumerate(exchanges):
+        if ex.user_frames < 1:
+            raise ValueError(f"keomni_dialogue: exchange {k} has no speech frames (user_frames={ex.user_frames})")
+        pieces.append((f"{'' if k == 0 else chr(10)}{USER}\n{PAD * ex.user_frames}\n{ASSISTANT}\n", False))
+        if ex.text is None:
+            if k != len(exchanges) - 1:
+                raise ValueError(f"keomni_dialogue: only the last exchange may lack its answer (exchange {k})")
+            break
+        pieces.append((f"{ex.text}{EOS}", True))
+    return render(tokenizer, pieces)

@@ -18,6 +18,7 @@ Special token ids are never produced by `encode` unless their literal strings ap
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +33,9 @@ UNK = "<|unk|>"
 """Only our trained BPE needs it: byte-level tokenizers (Whisper, Llama-3) can spell any text."""
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_audio|>", "<|end_of_audio|>")
 """Dialogue markers added together with the speech tokens."""
+
+ALWAYS_SPELLABLE = sorted(set(string.printable) - set(" \t\r\x0b\x0c"))
+"""Characters every trained tokenizer holds besides those of its corpus (ASCII letters, digits, punctuation, newline)."""
 
 CONFIG_NAME = "tokenizer_config.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -87,10 +91,20 @@ class TextTokenizer:
             min_frequency=min_frequency,
             special_tokens=[_special(t) for t in (PAD, BOS, EOS, UNK)],
             # limit_alphabet stays None: every training character is kept, which is what makes round-trips exact.
+            # Printable ASCII and the newline are always in: prompts and dialogue templates (system prompt, "\n"
+            # between turns) must be spellable even when the transcripts never use them.
+            initial_alphabet=ALWAYS_SPELLABLE,
             show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
-        if tok.get_vocab_size() == len(trainer.special_tokens):  # nothing beyond the specials: no text was seen
+        seen = [False]
+
+        def non_empty(items: Iterable[str]) -> Iterable[str]:
+            for t in items:
+                seen[0] = seen[0] or bool(t.strip())
+                yield t
+
+        tok.train_from_iterator(non_empty(texts), trainer=trainer)
+        if not seen[0]:
             raise ValueError("TextTokenizer.train: `texts` holds no non-empty string")
         return cls(tok)
 
