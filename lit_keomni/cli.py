@@ -40,6 +40,8 @@ def usage() -> str:
         "  prepare                    build the built-in corpus (or --source your Ke-SpeechChat data) into litdata chunks",
         "  tokenize                   encode prepared audio into speech tokens with a stage-1 export",
         "  interleave                 synthesise interleaved speech-text data from text with a stage-2 export",
+        "evaluation:",
+        "  eval TASK                  asr, storycloze, spoken-qa, utmos, judge (eval --help lists them)",
         "",
         "stages:",
         *(f"  {name}  {text}" for name, text in STAGES.items()),
@@ -152,7 +154,14 @@ def interleave_command(argv: list[str]) -> None:
                limit=a.limit)
 
 
-COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command, "interleave": interleave_command}
+def eval_command(argv: list[str]) -> None:
+    from lit_keomni.eval.cli import eval_command as run
+
+    run(argv)
+
+
+COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command, "interleave": interleave_command,
+            "eval": eval_command}
 
 
 def main(argv: list[str] | None = None) -> None:
