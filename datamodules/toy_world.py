@@ -462,3 +462,104 @@ def write_text_corpus(path: str | Path, *, seed: int = 1234, num_dialogues: int 
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------ spoken QA evaluation
+_QA_PROMPT_KINDS = (("fact", 0.6), ("capital", 0.2), ("math", 0.2))
+
+
+def _pet_answers(k: int, lang: str) -> list[str]:
+    """A pet as accepted in an answer: the bare noun (both numbers in English); in Chinese the noun, or with its
+    measure word when the noun is one character (马 alone would match the name 马兰)."""
+    s, pl, zh, m = PETS[k]
+    if lang == "en":
+        return list(dict.fromkeys((s, pl)))
+    return [f"一{m}{zh}", zh if len(zh) > 1 else m + zh]
+
+
+def _fact_answers(attr: str, k: int, lang: str) -> list[str]:
+    """Accepted answers for value index `k` of `attr`; the first is the canonical form (the candidates' form)."""
+    en = lang == "en"
+    if attr == "pet":
+        return _pet_answers(k, lang)
+    if attr == "age":
+        return [number_words(k, lang)]
+    table = {"colour": COLOURS, "food": FOODS, "city": CAPITALS, "job": JOBS, "hobby": HOBBIES}[attr]
+    return [table[k][0 if en else 1]]
+
+
+def _fact_candidates(attr: str, lang: str) -> list[str]:
+    if attr == "age":
+        return [number_words(a, lang) for a in range(6, 16)]
+    size = {"colour": COLOURS, "pet": PETS, "food": FOODS, "city": CAPITALS, "job": JOBS, "hobby": HOBBIES}[attr]
+    return [_fact_answers(attr, k, lang)[0] for k in range(len(size))]
+
+
+def _math_operands(op: str, rng: random.Random) -> tuple[int, int]:
+    """Operands drawn as the corpus draws them (``_gen_math``)."""
+    if op == "+":
+        return rng.randint(0, 12), rng.randint(0, 12)
+    if op == "-":
+        a = rng.randint(1, 20)
+        return a, rng.randint(0, a)
+    return rng.randint(2, 9), rng.randint(2, 9)
+
+
+_MATH_RESULTS = {"+": sorted({a + b for a in range(13) for b in range(13)}),
+                 "-": sorted({a - b for a in range(1, 21) for b in range(a + 1)}),
+                 "*": sorted({a * b for a in range(2, 10) for b in range(2, 10)})}
+
+
+def qa_items(seed: int, n: int, language: str) -> list[dict]:
+    """`n` distinct spoken-QA items about the toy world of `seed`, asked with the corpus's own templates: a person's
+    favourite colour/pet/food/city/job/hobby/age (``FACT_Q``), a country's capital or a capital's country
+    (``CAPITAL_Q``), small arithmetic (``MATH_Q``).
+
+    Each item: ``{"question", "answers"`` (accepted strings, canonical form first), ``"candidates"`` (canonical forms of
+    every value the question could have, for the chance level), ``"reference"`` (the answer sentence as the corpus
+    speaks it), ``"topic"``, ``"language"}``. No fact is asked twice; deterministic for (seed, n, language).
+    """
+    if language not in ("en", "zh"):
+        raise ValueError(f"qa_items: language must be 'en' or 'zh', got {language!r}")
+    world, rng = ToyWorld(seed), random.Random(f"qa-{seed}-{language}")
+    en, items, asked = language == "en", [], set()
+    kinds, weights = zip(*_QA_PROMPT_KINDS)
+    for _ in range(50 * n + 100):
+        if len(items) == n:
+            break
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "fact":
+            p, attr = rng.choice(world.people), rng.choice(ATTRIBUTES)
+            key = (kind, p.index, attr)
+            name = NAMES[p.index][0 if en else 1]
+            k = p.age if attr == "age" else getattr(p, attr)
+            item = {"question": _fill(rng.choice(FACT_Q[language][attr]), language, name=name),
+                    "answers": _fact_answers(attr, k, language), "candidates": _fact_candidates(attr, language),
+                    "reference": _fill(rng.choice(FACT_A[language][attr]), language, name=name,
+                                       v=world.value(p, attr, language)), "topic": attr}
+        elif kind == "capital":
+            c, i = rng.randrange(len(COUNTRIES)), rng.randrange(len(CAPITAL_Q[language]))
+            asks_country = i >= 3  # the last two templates name the capital and ask for the country
+            key = (kind, c, asks_country)
+            kw = {"country": COUNTRIES[c][not en], "capital": CAPITALS[world.capital_of[c]][not en]}
+            pool = COUNTRIES if asks_country else CAPITALS
+            item = {"question": _fill(CAPITAL_Q[language][i], language, **kw),
+                    "answers": [kw["country" if asks_country else "capital"]],
+                    "candidates": [v[not en] for v in pool],
+                    "reference": _fill(rng.choice(CAPITAL_A[language]), language, **kw),
+                    "topic": "country" if asks_country else "capital"}
+        else:
+            op = rng.choice("+-*")
+            a, b = _math_operands(op, rng)
+            key = (kind, op, a, b)
+            reference, words, c = _math_answer(language, rng, op, a, b)
+            item = {"question": _fill(rng.choice(MATH_Q[language][op]), language, **words),
+                    "answers": [words["c"]], "candidates": [number_words(v, language) for v in _MATH_RESULTS[op]],
+                    "reference": reference, "topic": {"+": "plus", "-": "minus", "*": "times"}[op]}
+        if key in asked:
+            continue
+        asked.add(key)
+        items.append({**item, "language": language})
+    if len(items) < n:
+        raise ValueError(f"qa_items: the toy world gave only {len(items)} distinct {language} questions, asked for {n}")
+    return items
