@@ -18,7 +18,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -270,3 +270,20 @@ class StreamingDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> StreamingDataLoader:
         return self._loader("val")
+
+
+def write_items(items: Iterable[dict[str, Any]], out_dir: Path, *, chunk_bytes: str = "64MB") -> int:
+    """Write ready items as litdata chunks in this process (no worker processes, unlike ``write_chunks``), into a temp
+    folder renamed to ``out_dir`` when complete; returns the number of items."""
+    from litdata.streaming.writer import BinaryWriter
+
+    n = 0
+    with staged_dir(out_dir) as tmp:
+        writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
+        for n, item in enumerate(items, 1):
+            writer[n - 1] = item
+        if n == 0:  # litdata's merge would wait forever for an index that is never written
+            raise ValueError(f"{out_dir}: no items to write")
+        writer.done()
+        writer.merge()
+    return n

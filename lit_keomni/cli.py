@@ -19,6 +19,7 @@ from lit_keomni.guards import NonFiniteError
 STAGES = {
     "stage1": "speech tokenizer (Whisper encoder + 12.5 Hz VQ, ASR-supervised)  lit_keomni.stages.tokenizer.SpeechTokenizer",
     "stage2": "text-to-token model (text -> speech tokens)                     lit_keomni.stages.text_to_token.TextToToken",
+    "stage3": "speech-text pre-training (30 % text, interleaved, speech, ASR, TTS) lit_keomni.stages.pretrain.Pretrain",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test")
 

@@ -13,7 +13,7 @@ from lit_keomni.atomic import write_json, write_text
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 

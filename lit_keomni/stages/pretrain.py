@@ -1,0 +1,252 @@
+"""Stage 3 — speech-text pre-training (GLM-4-Voice §2.3, §2.3.1, §3.1 "Configuration", Appendix A).
+
+    python -m lit_keomni fit --config recipes/stage3.yaml
+
+A text LM (a local Hugging Face Llama-layout folder, an earlier LM export, or random for the CPU recipe) whose
+vocabulary is extended with the stage-1 speech tokens learns next-token prediction on a mixture of five sources
+(``datamodules/pretrain.py``): text (30 % of every batch), synthetic interleaved speech-text data, unsupervised
+speech, and ASR / TTS pairs. Text, speech and interleaved documents are trained on every token; ASR only on the
+transcript, TTS only on the speech. Rows are packed documents: attention stays within a document and positions
+restart at each one. AdamW β = (0.9, 0.95); the paper decays the learning rate linearly from 6e-5 to 6e-6 at sequence
+length 8192 over 1T tokens. Logged: loss overall and per source (train and val), accuracy, grad norm, and the share of
+tokens and epochs of each source actually consumed (``mix/…``, kept across resume).
+Inputs: ``checkpoints/stage1/export`` (vocabulary), the packed data. Output: ``checkpoints/stage3/export`` (kind
+``speech_lm``, read by ``checkpoints.load_lm``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_keomni.checkpoints import lm_tokenizer, write_export
+from lit_keomni.configs import TransformerConfig, config_dict
+from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.lm import build_lm, flops_per_token
+from lit_keomni.nn.transformer import Transformer
+from lit_keomni.training import adamw_with_schedule, grad_norm, rng_state, set_rng_state
+
+EXPORT_KIND = "speech_lm"
+
+
+def token_losses(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-position cross-entropy (B, T) in float32, 0 where ``target`` is -100."""
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                           reduction="none").view(target.shape)
+
+
+class Pretrain(L.LightningModule):
+    """The speech LM pre-trained on the stage-3 mixture; exports the ``speech_lm`` folder read by stage 4."""
+
+    def __init__(
+        self,
+        config: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        speech_export: str = "checkpoints/stage1/export",
+        init_from: str | None = None,
+        lr: float = 6e-5,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 0,
+        decay: str = "linear",
+        export_dir: str | None = "checkpoints/stage3/export",
+        activation_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            config: ``TransformerConfig`` preset ("tiny", "glm-4-voice-9b", ...); its vocab_size is replaced by the
+                speech-extended tokenizer's.
+            overrides: Field overrides of the preset, e.g. ``{n_layer: 4, n_embd: 256, block_size: 512}``.
+            speech_export: Stage-1 export whose tokenizer, extended with its speech tokens, is the vocabulary.
+            init_from: Local Hugging Face Llama-layout folder of a text LM (its embeddings grow to the speech
+                vocabulary; the paper starts from GLM-4-9B-Base), or an LM export of ours; None = random.
+            lr: Peak learning rate (paper: 6e-5).
+            min_lr_ratio: Final learning rate as a fraction of ``lr`` (paper: 6e-6 / 6e-5 = 0.1).
+            weight_decay: AdamW weight decay (not given in the paper).
+            warmup_steps: Linear warm-up steps (none in the paper's description).
+            decay: "linear" (paper) or "cosine" decay after warm-up.
+            export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
+            activation_checkpointing: Recompute each block in backward instead of storing its activations
+                (FSDP runs only).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = TransformerConfig.from_name(config, **(overrides or {}))
+        self.model: Transformer | None = None
+        self.text_tokenizer = None
+        self.speech_meta: dict[str, Any] = {}
+        self.source_names: tuple[str, ...] = ()
+        self.seen_tokens = torch.zeros(0, dtype=torch.long)  # per source, cumulative over the whole run
+        self.seen_rows = torch.zeros(0, dtype=torch.long)
+        self._val: dict[int, Tensor] = {}
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export)
+        self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
+        self.model_config = self.model.config
+        self.flops_per_token = flops_per_token(self.model, self.model_config.block_size)  # for MFU
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
+            apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.blocks,
+                       param_dtype=fsdp_param_dtype(self.trainer.precision),
+                       activation_checkpointing=self.hparams.activation_checkpointing)
+
+    def forward(self, idx: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        return self.model(idx, document_ids=document_ids)
+
+    # ------------------------------------------------------------------ mixture bookkeeping
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _names(self) -> tuple[str, ...]:
+        """Source names by row ``source`` index, from the data module (``sources``) when it has them."""
+        if not self.source_names:
+            self.source_names = tuple(getattr(self._datamodule(), "sources", ()) or ())
+        return self.source_names
+
+    def _name(self, index: int) -> str:
+        names = self._names()
+        return names[index] if index < len(names) else f"source{index}"
+
+    def _grow(self, n: int) -> None:
+        if self.seen_tokens.numel() < n:
+            pad = n - self.seen_tokens.numel()
+            self.seen_tokens = torch.cat([self.seen_tokens, torch.zeros(pad, dtype=torch.long)])
+            self.seen_rows = torch.cat([self.seen_rows, torch.zeros(pad, dtype=torch.long)])
+
+    def on_fit_start(self) -> None:
+        dm = self._datamodule()
+        weights = getattr(dm, "weights", None)
+        if not weights:
+            return
+        exp = getattr(self.logger, "experiment", None)
+        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_text"):
+            table = "| source | configured share of rows | rows available (train) |\n|---|---|---|\n"
+            available = dm.rows_available("train") if hasattr(dm, "rows_available") else {}
+            table += "\n".join(f"| {s} | {w:.3f} | {available.get(s, '–')} |" for s, w in weights.items())
+            exp.add_text("mix/configured", table, self.global_step)
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        """Add this step's rows and real tokens per source (summed over ranks) to the run's totals and log shares."""
+        source = batch["source"]
+        n = max(int(source.max()) + 1, len(self._names()))
+        tokens = torch.zeros(n, dtype=torch.long, device=source.device)
+        tokens.index_add_(0, source, (batch["document_ids"] >= 0).sum(1))
+        rows = torch.bincount(source, minlength=n)
+        both = self.trainer.strategy.reduce(torch.stack([tokens, rows]).float(), reduce_op="sum").long().cpu()
+        self._grow(n)
+        self.seen_tokens[:n] += both[0]
+        self.seen_rows[:n] += both[1]
+        total = max(int(self.seen_tokens.sum()), 1)
+        dm = self._datamodule()
+        available = dm.rows_available("train") if hasattr(dm, "rows_available") else {}
+        for i in range(self.seen_tokens.numel()):
+            name = self._name(i)
+            if name in getattr(dm, "active", (name,)):
+                self.log(f"mix/{name}_share", float(self.seen_tokens[i]) / total, on_step=True, on_epoch=False)
+                if available.get(name):
+                    self.log(f"mix/{name}_epochs", float(self.seen_rows[i]) / available[name], on_step=True,
+                             on_epoch=False)
+
+    # ------------------------------------------------------------------ steps
+    def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean loss over trained tokens, per-token losses, trained mask, top-1 accuracy) of a packed batch."""
+        logits = self(batch["input"], batch["document_ids"])
+        target = batch["target"]
+        per_token = token_losses(logits, target)
+        trained = target != -100
+        loss = per_token.sum() / trained.sum().clamp(min=1)
+        with torch.no_grad():
+            acc = (logits.argmax(-1)[trained] == target[trained]).float().mean() if trained.any() else loss.new_zeros(())
+        return loss, per_token, trained, acc
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, per_token, trained, acc = self._losses(batch)
+        bs = batch["input"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/acc", acc, batch_size=bs)
+        with torch.no_grad():
+            row_loss, row_count = per_token.detach().sum(1), trained.sum(1)
+            for i in batch["source"].unique().tolist():
+                sel = batch["source"] == i
+                count = row_count[sel].sum()
+                if count > 0:
+                    self.log(f"train/loss_{self._name(i)}", row_loss[sel].sum() / count, batch_size=int(sel.sum()))
+        self._count(batch)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norm = grad_norm(self)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        _, per_token, trained, acc = self._losses(batch)
+        sums = torch.stack([per_token.sum().double(), trained.sum().double(),
+                            (acc * trained.sum()).double()])
+        source = int(batch["source"][0])
+        self._val[source] = self._val.get(source, torch.zeros_like(sums)) + sums
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val and self.trainer.world_size == 1:
+            return
+        n = max(len(self._names()), max(self._val, default=-1) + 1)
+        table = torch.zeros(n, 3, dtype=torch.float64, device=self.device)
+        for s, v in self._val.items():
+            table[s] = v.to(self.device)
+        table = self.trainer.strategy.reduce(table, reduce_op="sum")
+        for s in range(n):
+            if table[s, 1] > 0:
+                self.log(f"val/loss_{self._name(s)}", float(table[s, 0] / table[s, 1]))
+                self.log(f"val/acc_{self._name(s)}", float(table[s, 2] / table[s, 1]))
+        total = table.sum(0)
+        if total[1] > 0:
+            self.log("val/loss", float(total[0] / total[1]), prog_bar=True)
+            self.log("val/acc", float(total[2] / total[1]))
+
+    # ------------------------------------------------------------------ optimisation & state
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95),
+                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
+                                   min_lr_ratio=h.min_lr_ratio, decay=h.decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = rng_state()
+        checkpoint["mix_seen"] = {"tokens": self.seen_tokens.clone(), "rows": self.seen_rows.clone()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        if "mix_seen" in checkpoint:
+            self.seen_tokens = checkpoint["mix_seen"]["tokens"].clone().long()
+            self.seen_rows = checkpoint["mix_seen"]["rows"].clone().long()
+
+    # ------------------------------------------------------------------ handoff
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the handoff folder. Sharded, every rank calls this (the weights are gathered) and rank 0 writes."""
+        state = full_state_dict(self.model)
+        if self.global_rank != 0:
+            return Path(out_dir)
+        m = self.speech_meta
+        return write_export(
+            out_dir,
+            kind=EXPORT_KIND,
+            config=config_dict(self.model_config),
+            state_dict=state,
+            extra={"stage": "pretrain",
+                   "speech_tokenizer": {"frame_rate_hz": m["frame_rate_hz"], "codebook_size": m["codebook_size"],
+                                        "export": str(Path(self.hparams.speech_export).resolve())}},
+            files={"tokenizer": self.text_tokenizer.save},
+        )
