@@ -7,8 +7,13 @@ One ``torch.distributed.run`` launch of this file (``_worker`` below) runs, in b
      them (generation lengths differ per rank: must not deadlock);
   3. a resume of run 2 from its step-2 checkpoint;
   4. stage 1 (VQ switched on mid-run, validation with greedy decoding, export);
-  5. ``apply_fsdp`` with activation checkpointing against without, and unequal numbers of eval forwards per rank.
-The pytest process runs the single-process reference of 1: the same global batches as two micro-batches with
+  5. ``apply_fsdp`` with activation checkpointing against without, and unequal numbers of eval forwards per rank;
+  6. stage 3 on fixed batches of packed rows of all five sources (rank r gets half r), float32, a sharded checkpoint at
+     step 2, an export, then a resume from that checkpoint;
+  7. stage 4 discrete from the sharded stage-3 export on the SFT data module in bf16-mixed, with an export;
+  8. stage 4 continuous (frozen encoder, its own FSDP group) from the same export, with a validation that answers
+     each rank's last question greedily through the gathered model, and an export.
+The pytest process runs the single-process references of 1 and 6: the same global batches as two micro-batches with
 ``accumulate_grad_batches=2``. That is the exact single-device equivalent of data parallelism here: DDP/FSDP average
 the ranks' gradients of their *per-rank mean* losses, and Lightning divides each micro-batch loss by 2; one 2b batch
 would instead weight every token equally, which differs whenever the halves hold different numbers of speech tokens.
@@ -17,6 +22,7 @@ would instead weight every token equally, which differs whenever the halves hold
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -32,6 +38,7 @@ TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "intermediat
 MICRO = 3  # examples per rank (per micro-batch in the reference)
 STEPS = 4
 LR = 3e-3
+SEQ3 = 64  # stage-3 packed row length
 
 
 class LossRecorder(L.Callback):
@@ -83,17 +90,89 @@ def _loader(batches: list):
     return DataLoader([tts_collate(b) for b in batches], batch_size=None, collate_fn=lambda b: b)
 
 
+class FixedBatches:
+    """Already collated batches in order, resumable: Lightning keeps ``state_dict`` (batches taken this epoch) in
+    checkpoints and hands it back to ``load_state_dict`` on resume, as it does for a ``StreamingDataLoader``."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches, self.taken = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        while self.taken < len(self.batches):
+            self.taken += 1
+            yield self.batches[self.taken - 1]
+        self.taken = 0
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken = int(state["taken"])
+
+
+def _stage3(stage1_export: Path, out: Path | None, **kw):
+    from lit_keomni.stages.pretrain import Pretrain
+
+    args = {"warmup_steps": 2, "lr": LR, "export_dir": str(out) if out else None, **kw}
+    return Pretrain(config="tiny", overrides=TINY_LM, speech_export=str(stage1_export), **args)
+
+
+def _stage3_batches(prepared: Path, stage1_export: Path, tokens: Path, interleaved: Path) -> list[list[dict]]:
+    """STEPS global batches of 2 · MICRO packed rows (``datamodules.pretrain.pack_source`` of real items of each
+    source), the five sources taking turns row by row, so the two ranks' halves hold different sets of sources."""
+    from itertools import islice
+
+    from litdata import StreamingDataset
+
+    from datamodules.pretrain import SOURCES, pack_source
+    from lit_keomni.checkpoints import lm_tokenizer
+    from lit_keomni.interleave import read_documents
+
+    def first(path: Path, n: int) -> list[dict]:
+        ds = StreamingDataset(str(path))
+        return [ds[i] for i in range(min(n, len(ds)))]
+
+    tok, _ = lm_tokenizer(stage1_export)
+    utterances = first(tokens / "chunks" / "train", 24)
+    items = {"text": [{"text": t} for _, t in islice(read_documents(prepared / "text" / "toy_world.jsonl"), 40)],
+             "interleaved": first(interleaved / "chunks", 24), "speech": utterances, "asr": utterances,
+             "tts": utterances}
+    n = 2 * MICRO
+    per_source = -(-STEPS * n // len(SOURCES))
+    rows = {s: pack_source(s, items[s], tok, SEQ3)[:per_source] for s in SOURCES}
+    short = {s: len(r) for s, r in rows.items() if len(r) < per_source}
+    assert not short, f"too few packed rows {short}, need {per_source} per source"
+    order = [rows[SOURCES[j % len(SOURCES)]][j // len(SOURCES)] for j in range(STEPS * n)]
+    return [order[k * n : (k + 1) * n] for k in range(STEPS)]
+
+
+def _sft_data(mode: str, prepared: str | Path, stage1_export: str | Path, tokens: str | Path, out: Path):
+    """The SFT data module over the tiny corpus; continuous with batches of 1: its val split has only 2 dialogues,
+    one per rank."""
+    from datamodules.sft import SFTDataModule
+
+    return SFTDataModule(mode=mode, speech_export=str(stage1_export), tokens_dir=str(tokens), sft_dir=str(out / "sft"),
+                         data_dir=str(prepared), batch_size=2 if mode == "discrete" else 1, num_workers=0,
+                         max_length=512)
+
+
 @pytest.fixture(scope="module")
-def runs(prepared, stage1_export, tmp_path_factory):
-    """The 2-process worker's results (JSON) and the single-process reference, side by side."""
+def runs(prepared, stage1_export, speech_tokens, interleaved, tmp_path_factory):
+    """The 2-process worker's results (JSON) and the single-process references, side by side."""
+    from datamodules.pretrain import pretrain_collate
     from lit_keomni.checkpoints import Export
-    from lit_keomni.speech_tokens import tokenize
 
     out = tmp_path_factory.mktemp("fsdp")
-    tokens = out / "tokens"
-    tokenize(stage1_export, prepared, tokens, workers=1)
+    tokens = speech_tokens  # read only
     batches = _fixed_batches(tokens, stage1_export)
     torch.save(batches, out / "batches.pt")
+    stage3 = _stage3_batches(prepared, stage1_export, tokens, interleaved)
+    torch.save(stage3, out / "stage3_batches.pt")
+    for mode in ("discrete", "continuous"):  # built here once, so the workers only read them
+        _sft_data(mode, prepared, stage1_export, tokens, out).prepare_data()
 
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -110,7 +189,14 @@ def runs(prepared, stage1_export, tmp_path_factory):
         trainer = _trainer(out / "single", [rec, Export()], accumulate_grad_batches=2)
         micro = [half for b in batches for half in (b[:MICRO], b[MICRO:])]
         trainer.fit(model, train_dataloaders=_loader(micro))
-        log, _ = proc.communicate(timeout=240)
+
+        L.seed_everything(5)
+        rec3 = LossRecorder()
+        model3 = _stage3(stage1_export, out / "stage3_single_export")
+        trainer = _trainer(out / "stage3_single", [rec3, Export()], accumulate_grad_batches=2)
+        trainer.fit(model3, train_dataloaders=FixedBatches(
+            [pretrain_collate(half) for b in stage3 for half in (b[:MICRO], b[MICRO:])]))
+        log, _ = proc.communicate(timeout=420)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
@@ -124,6 +210,13 @@ def runs(prepared, stage1_export, tmp_path_factory):
     # accumulation: each micro-batch's recorded loss is already divided by 2, so a step's loss is their sum
     result["single_losses"] = [a + b for a, b in zip(rec.losses[::2], rec.losses[1::2])]
     result["single_grad_norms"] = rec.grad_norms[1::2]
+    result["stage3_single_losses"] = [a + b for a, b in zip(rec3.losses[::2], rec3.losses[1::2])]
+    result["stage3_single_grad_norms"] = rec3.grad_norms[1::2]
+    result["stage3_single_seen_tokens"] = model3.seen_tokens.tolist()
+    seen = [0] * 5  # real tokens per source in all rows, as Pretrain counts them
+    for row in (r for b in stage3 for r in b):
+        seen[int(row["source"])] += int((row["document"][:-1] >= 0).sum())
+    result["stage3_expected_seen_tokens"] = seen
     result["out"] = str(out)
     return result
 
@@ -180,6 +273,67 @@ def test_activation_checkpointing_and_unequal_eval_forwards(runs):
     ac = runs["activation_checkpointing"]
     assert ac["same_keys"] and ac["max_grad_diff"] < 1e-6, ac
     assert ac["trained_after_eval"]
+
+
+def test_stage3_sharded_losses_match_single_process(runs):
+    s3 = runs["stage3"]
+    ranks = s3["losses"]  # [rank][step]
+    sharded = [(a + b) / 2 for a, b in zip(*ranks)]
+    assert len(sharded) == STEPS == len(runs["stage3_single_losses"])
+    assert sharded == pytest.approx(runs["stage3_single_losses"], rel=1e-5)
+    assert ranks[0] != ranks[1]
+    assert s3["grad_norms"] == pytest.approx(runs["stage3_single_grad_norms"], rel=1e-5)
+    # the mixture counts sum both ranks' rows: every real token of the global batches, once
+    assert s3["seen_tokens"] == runs["stage3_single_seen_tokens"] == runs["stage3_expected_seen_tokens"]
+
+
+def test_stage3_sharded_checkpoint_resumes_with_identical_losses(runs):
+    s3 = runs["stage3"]
+    assert (Path(runs["out"]) / "stage3_ckpt" / "step=2.ckpt").is_dir()
+    for rank in range(2):
+        assert s3["resumed_steps"][rank] == [3, 4]
+        assert s3["resumed_losses"][rank] == pytest.approx(s3["losses"][rank][2:], rel=1e-5), rank
+    assert s3["resumed_seen_tokens"] == s3["seen_tokens"]  # the consumed-mixture counts survive the resume
+
+
+def test_stage3_sharded_export_equals_single_process(runs):
+    from lit_keomni.checkpoints import load_lm
+
+    out = Path(runs["out"])
+    sharded, tok, meta = load_lm(out / "stage3_fixed_export", "speech_lm")
+    single, _, _ = load_lm(out / "stage3_single_export", "speech_lm")
+    assert meta["stage"] == "pretrain" and tok.num_audio_tokens == 16
+    a, b = sharded.state_dict(), single.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_stage4_discrete_sharded_fit_exports_one_loadable_speech_lm(runs):
+    from lit_keomni.checkpoints import load_lm
+
+    s4 = runs["sft_discrete"]
+    assert s4["steps"] == [1, 2] and all(map(math.isfinite, s4["losses"][0] + s4["losses"][1])), s4
+    model, tok, meta = load_lm(Path(runs["out"]) / "sft_discrete_export", "speech_lm")
+    assert meta["stage"] == "sft" and meta["template"] == "text_guided" and tok.num_audio_tokens == 16
+    stage3, _, _ = load_lm(Path(runs["out"]) / "stage3_fixed_export", "speech_lm")
+    assert model.state_dict().keys() == stage3.state_dict().keys()
+    assert not torch.equal(model.embed.weight, stage3.embed.weight)  # started from stage 3 and trained
+
+
+def test_stage4_continuous_sharded_keeps_the_encoder_frozen(runs, stage1_export):
+    from lit_keomni.checkpoints import load_keomni
+    from lit_keomni.stages.sft import load_speech_encoder
+
+    s4 = runs["sft_continuous"]
+    assert s4["steps"] == [1, 2] and all(map(math.isfinite, s4["losses"][0] + s4["losses"][1])), s4
+    assert s4["encoder_grads"] == [False, False] and s4["adapter_grads"] == [True, True]
+    assert "val/answer_cer" in s4["metrics"], s4["metrics"]
+    model, _, meta = load_keomni(Path(runs["out"]) / "sft_continuous_export")
+    assert meta["kind"] == "keomni_lm"
+    frozen = load_speech_encoder(stage1_export).state_dict()
+    for k, v in model.encoder.state_dict().items():
+        torch.testing.assert_close(v, frozen[k], rtol=0, atol=0, msg=k)
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -258,8 +412,66 @@ def _worker(prepared: str, stage1_export: str, tokens: str, out_dir: str) -> Non
     # 5. apply_fsdp directly: activation checkpointing changes neither keys nor gradients; unequal eval forwards
     result["activation_checkpointing"] = _check_apply_fsdp(rank)
 
+    # 6. stage 3 on fixed packed rows, float32: sharded checkpoint at step 2, export; a resume from step 2
+    from datamodules.pretrain import pretrain_collate
+
+    halves = [pretrain_collate(b[rank * MICRO : (rank + 1) * MICRO]) for b in torch.load(out / "stage3_batches.pt",
+                                                                                          weights_only=False)]
+
+    def pretrain(callbacks, export=None, ckpt_path=None):
+        L.seed_everything(5)
+        model = _stage3(Path(stage1_export), export)
+        trainer = _trainer(out / "stage3", callbacks, strategy=strategy(), devices=2, use_distributed_sampler=False,
+                           plugins=[AtomicCheckpointIO()])
+        trainer.fit(model, train_dataloaders=FixedBatches(halves), ckpt_path=ckpt_path)
+        return model
+
+    rec = LossRecorder()
+    ckpt = ModelCheckpoint(dirpath=out / "stage3_ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    model = pretrain([rec, ckpt, Export()], export=out / "stage3_fixed_export")
+    stage3 = {"losses": gather(rec.losses), "grad_norms": rec.grad_norms, "seen_tokens": model.seen_tokens.tolist()}
+    rec = LossRecorder()
+    model = pretrain([rec], ckpt_path=str(out / "stage3_ckpt" / "step=2.ckpt"))
+    stage3.update(resumed_losses=gather(rec.losses), resumed_steps=gather(rec.steps),
+                  resumed_seen_tokens=model.seen_tokens.tolist())
+    result["stage3"] = stage3
+
+    # 7, 8. stage 4 from the sharded stage-3 export, bf16-mixed: discrete; continuous with validation answers
+    for mode in ("discrete", "continuous"):
+        result[f"sft_{mode}"] = _sft(mode, prepared, stage1_export, tokens, out, strategy(), gather)
+
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
+
+
+class _Grads(L.Callback):
+    """Whether the encoder's and the adapter's parameters got gradients (continuous SFT)."""
+
+    def __init__(self) -> None:
+        self.encoder: list[bool] = []
+        self.adapter: list[bool] = []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.encoder.append(any(p.grad is not None for p in pl_module.model.encoder.parameters()))
+        self.adapter.append(all(p.grad is not None for p in pl_module.model.adapter.parameters()))
+
+
+def _sft(mode: str, prepared: str, stage1_export: str, tokens: str, out: Path, strategy, gather) -> dict:
+    from lit_keomni.checkpoints import Export
+    from lit_keomni.stages.sft import SFT
+
+    L.seed_everything(5)
+    model = SFT(mode=mode, config="tiny", overrides=TINY_LM, init_from=str(out / "stage3_fixed_export"),
+                speech_export=stage1_export, encoder_from=stage1_export, warmup_steps=1, lr=LR, max_answer_tokens=4,
+                export_dir=str(out / f"sft_{mode}_export"))
+    rec, grads = LossRecorder(), _Grads()
+    callbacks = [rec, Export()] + ([grads] if mode == "continuous" else [])
+    trainer = _trainer(out / f"sft_{mode}", callbacks, strategy=strategy, devices=2, max_steps=2,
+                       precision="bf16-mixed", limit_val_batches=int(mode == "continuous"), val_check_interval=2,
+                       check_val_every_n_epoch=None)
+    trainer.fit(model, _sft_data(mode, prepared, stage1_export, tokens, out))
+    return {"steps": rec.steps, "losses": gather(rec.losses), "metrics": sorted(trainer.callback_metrics),
+            "encoder_grads": grads.encoder, "adapter_grads": grads.adapter}
 
 
 def _check_apply_fsdp(rank: int) -> dict:

@@ -133,10 +133,17 @@ class Pretrain(L.LightningModule):
             table += "\n".join(f"| {s} | {w:.3f} | {available.get(s, '–')} |" for s, w in weights.items())
             exp.add_text("mix/configured", table, self.global_step)
 
+    def _agreed(self, n: int) -> int:
+        """The largest ``n`` of all ranks: tables reduced over ranks need one size on every rank (without a data
+        module naming the sources, each rank only knows the sources of its own rows)."""
+        if self.trainer.world_size > 1:
+            n = int(self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="max"))
+        return n
+
     def _count(self, batch: dict[str, Any]) -> None:
         """Add this step's rows and real tokens per source (summed over ranks) to the run's totals and log shares."""
         source = batch["source"]
-        n = max(int(source.max()) + 1, len(self._names()))
+        n = self._agreed(max(int(source.max()) + 1, len(self._names())))
         tokens = torch.zeros(n, dtype=torch.long, device=source.device)
         tokens.index_add_(0, source, (batch["document_ids"] >= 0).sum(1))
         rows = torch.bincount(source, minlength=n)
@@ -200,7 +207,7 @@ class Pretrain(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val and self.trainer.world_size == 1:
             return
-        n = max(len(self._names()), max(self._val, default=-1) + 1)
+        n = self._agreed(max(len(self._names()), max(self._val, default=-1) + 1))
         table = torch.zeros(n, 3, dtype=torch.float64, device=self.device)
         for s, v in self._val.items():
             table[s] = v.to(self.device)
