@@ -459,3 +459,19 @@ def export_fingerprint(path: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def load_keomni(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """A stage-4 KE-Omni export (kind ``keomni_lm``: speech encoder, adapter and LLM) -> (``KeOmni`` in eval mode,
+    its ``TextTokenizer``, export metadata); the three configs and the tokenizer's vocabulary are checked."""
+    from lit_keomni.nn.keomni import KeOmni
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    exp = load_export(path, "keomni_lm")
+    model = KeOmni.from_config(exp.config, source=str(exp.path / CONFIG_FILE))
+    tokenizer = TextTokenizer.from_file(exp.path / "tokenizer.json")
+    if tokenizer.vocab_size != model.llm.config.vocab_size:
+        raise ValueError(f"{exp.path / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, but "
+                         f"{exp.path / CONFIG_FILE} field 'config.llm.vocab_size' is {model.llm.config.vocab_size}")
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.eval(), tokenizer, exp.meta

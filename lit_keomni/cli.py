@@ -20,6 +20,7 @@ STAGES = {
     "stage1": "speech tokenizer (Whisper encoder + 12.5 Hz VQ, ASR-supervised)  lit_keomni.stages.tokenizer.SpeechTokenizer",
     "stage2": "text-to-token model (text -> speech tokens)                     lit_keomni.stages.text_to_token.TextToToken",
     "stage3": "speech-text pre-training (30 % text, interleaved, speech, ASR, TTS) lit_keomni.stages.pretrain.Pretrain",
+    "stage4": "spoken-dialogue SFT: GLM-4-Voice templates (discrete) or KE-Omni encoder+adapter (continuous)  lit_keomni.stages.sft.SFT",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test")
 

@@ -206,6 +206,24 @@ class SpeechEncoder(nn.Module):
         valid = lengths_to_mask(lengths, codes.shape[1])
         return self._above(self.quantizer.decode(codes.clamp(0, self.config.codebook_size - 1)), valid)
 
+    def frames_50hz(self, mel: Tensor, mel_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Continuous encoder states at 50 Hz (B, T, D) and their lengths, for a speech adapter (KE-Omni).
+
+        With ``pool == 1`` (a plain Whisper encoder) the whole encoder runs, final norm included, as Whisper's output;
+        otherwise the stem and the layers below the pooling (``layers[:vq_position]``), the last states at 50 Hz.
+        """
+        c = self.config
+        x, lengths = self._stem(mel, mel_lengths)
+        valid = lengths_to_mask(lengths, x.shape[1])
+        mask = attention_mask(valid, c.block_frames)
+        if c.pool == 1:
+            for layer in self.layers:
+                x = layer(x, mask)
+            return self.layer_norm(x), lengths
+        for layer in self.layers[: c.vq_position]:
+            x = layer(x, mask)
+        return x, lengths
+
 
 class ASRDecoder(nn.Module):
     """Whisper's decoder: learned positions, causal self-attention, cross-attention; output tied to the embedding."""
