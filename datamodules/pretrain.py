@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 
-from datamodules.streaming import SPLITS, StreamingDataModule, chunks_dir, split_of, write_items
+from datamodules.streaming import SPLITS, ResumableLoader, StreamingDataModule, chunks_dir, split_of, write_items
 from lit_keomni.atomic import write_json
 from lit_keomni.checkpoints import export_fingerprint, lm_tokenizer
 from lit_keomni.interleave import read_documents
@@ -440,7 +440,7 @@ class PretrainDataModule(StreamingDataModule):
                                  f"split over ranks and loader workers in whole batches of {self.batch_size}); give "
                                  f"it a weight of 0 in 'mixture', or more data")
         mixture = Mixture(sets, [self.weights[s] for s in self.active], self.seed)
-        return StreamingDataLoader(mixture, batch_size=self.batch_size, num_workers=self.num_workers,
+        return ResumableLoader(mixture, batch_size=self.batch_size, num_workers=self.num_workers,
                                    collate_fn=pretrain_collate)
 
     def _val_loaders(self) -> list[StreamingDataLoader]:

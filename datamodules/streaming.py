@@ -177,6 +177,29 @@ def pad_collate(examples: list[dict[str, Any]], pad_values: dict[str, float] | N
     return batch
 
 
+class ResumableLoader(StreamingDataLoader):
+    """``StreamingDataLoader`` whose resumed epoch is followed by a freshly shuffled one.
+
+    litdata keeps ``restore`` set until an iteration runs to its natural end, but Lightning stops iterating after
+    ``len(loader)`` batches; the epoch after a mid-epoch resume would then replay the restored position instead of
+    starting a new epoch. Here a restored iteration that has yielded a batch clears ``restore`` for the next one.
+    """
+
+    _yielded_since_restore = False
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(obj)
+        self._yielded_since_restore = False
+
+    def __iter__(self) -> Any:
+        if self.restore and self._yielded_since_restore:
+            self.restore = False
+        for batch in super().__iter__():
+            if self.restore:
+                self._yielded_since_restore = True
+            yield batch
+
+
 class StreamingDataModule(L.LightningDataModule):
     """Base for every stage's DataModule: prepare-if-missing, ``StreamingDataset`` per split, ``StreamingDataLoader``.
 
@@ -258,7 +281,7 @@ class StreamingDataModule(L.LightningDataModule):
                 self.datasets[split] = self.dataset(split)
 
     def _loader(self, split: str) -> StreamingDataLoader:
-        return StreamingDataLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
+        return ResumableLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
                                    collate_fn=self.collate, drop_last=split == "train",
                                    persistent_workers=self.num_workers > 0)
 

@@ -265,13 +265,7 @@ def test_continuous_learns_with_frozen_encoder_and_round_trips(prepared, stage1_
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
-CROSS_EPOCH = pytest.mark.xfail(strict=True, reason=(
-    "base StreamingDataModule/litdata: after a mid-epoch resume the StreamingDataLoader keeps `restore` set when "
-    "Lightning ends the epoch without exhausting it, so the next epoch replays the restored offset (the tail of the "
-    "old epoch's order) instead of a new shuffle"))
-
-
-@pytest.mark.parametrize("stop, steps", [(1, 3), pytest.param(2, 4, marks=CROSS_EPOCH)], ids=["same-epoch", "next-epoch"])
+@pytest.mark.parametrize("stop, steps", [(1, 3), (2, 4)], ids=["same-epoch", "next-epoch"])
 def test_resume_gives_identical_next_losses(stop, steps, prepared, stage1_export, work, tmp_path):
     # 13 training dialogues, batch 4, drop_last: 3 steps per epoch
     full = LossRecorder()
