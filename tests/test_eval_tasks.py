@@ -87,7 +87,7 @@ def test_asr_pairs_hand_computed(tmp_path: Path) -> None:
     assert rows["all"]["WER %"] == pytest.approx(100 * 3 / 16)  # 2 of 12 Han units + 1 of 4 words
     errors = {i["id"]: i["error"] for i in report["items"]}
     assert errors == pytest.approx({"z1": 1 / 6, "z2": 1 / 6, "e1": 1 / 4})
-    assert "| pairs | zh | 2 | 16.7 |" in (tmp_path / "out" / "asr.md").read_text()
+    assert "| pairs | zh | 2 | 16.67 |" in (tmp_path / "out" / "asr.md").read_text()
 
 
 def test_asr_pairs_bad_input_names_file_line_field(tmp_path: Path) -> None:
