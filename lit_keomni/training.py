@@ -110,3 +110,37 @@ class TokenThroughput(L.Callback):
             peak = get_available_flops(trainer.strategy.root_device, "bf16-true" if "bf16" in str(trainer.precision) else "32-true")
             if peak:
                 pl_module.log("perf/mfu", flops * tokens / dt / (peak * trainer.world_size), on_step=True, on_epoch=False)
+
+
+class Stage(L.LightningModule):
+    """What every stage's LightningModule shares: the gradient norm logged before each optimiser step, AdamW with
+    warm-up and decay from the hyper-parameters ``lr``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio`` and
+    ``decay``, the RNG state saved in checkpoints, and the model built (``configure_model``) before a checkpoint's
+    weights are loaded."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norm = grad_norm(self)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=self.adam_betas,
+                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
+                                   min_lr_ratio=h.min_lr_ratio, decay=h.get("decay", "cosine"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+
+    def log_text(self, tag: str, text: str) -> None:
+        """A text sample in TensorBoard (rank 0, loggers that take text)."""
+        exp = getattr(self.logger, "experiment", None)
+        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_text"):
+            exp.add_text(tag, text, self.global_step)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +28,7 @@ from lit_keomni.configs import TransformerConfig, config_dict
 from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.lm import build_lm, flops_per_token
 from lit_keomni.nn.transformer import Transformer
-from lit_keomni.training import adamw_with_schedule, grad_norm, rng_state, set_rng_state
+from lit_keomni.training import Stage
 
 EXPORT_KIND = "speech_lm"
 
@@ -40,7 +39,7 @@ def token_losses(logits: Tensor, target: Tensor) -> Tensor:
                            reduction="none").view(target.shape)
 
 
-class Pretrain(L.LightningModule):
+class Pretrain(Stage):
     """The speech LM pre-trained on the stage-3 mixture; exports the ``speech_lm`` folder read by stage 4."""
 
     def __init__(
@@ -189,11 +188,6 @@ class Pretrain(L.LightningModule):
         self._count(batch)
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norm = grad_norm(self)
-        if norm is not None:
-            self.log("train/grad_norm", norm)
-
     def on_validation_epoch_start(self) -> None:
         self._val = {}
 
@@ -222,20 +216,12 @@ class Pretrain(L.LightningModule):
             self.log("val/acc", float(total[2] / total[1]))
 
     # ------------------------------------------------------------------ optimisation & state
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95),
-                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
-                                   min_lr_ratio=h.min_lr_ratio, decay=h.decay)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng"] = rng_state()
+        super().on_save_checkpoint(checkpoint)
         checkpoint["mix_seen"] = {"tokens": self.seen_tokens.clone(), "rows": self.seen_rows.clone()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.configure_model()
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
+        super().on_load_checkpoint(checkpoint)
         if "mix_seen" in checkpoint:
             self.seen_tokens = checkpoint["mix_seen"]["tokens"].clone().long()
             self.seen_rows = checkpoint["mix_seen"]["rows"].clone().long()

@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
@@ -38,7 +37,7 @@ from lit_keomni.nn.keomni import KeOmni, llm_tokenizer
 from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.text.templates import DIALOGUE_MODES
 from lit_keomni.text.tokenizer import TextTokenizer
-from lit_keomni.training import adamw_with_schedule, gather_lists, grad_norm, rng_state, set_rng_state
+from lit_keomni.training import Stage, gather_lists
 
 MODES = ("discrete", "continuous")
 EXPORT_KINDS = {"discrete": "speech_lm", "continuous": "keomni_lm"}
@@ -76,7 +75,7 @@ def load_speech_encoder(path: str | Path) -> SpeechEncoder:
     return encoder
 
 
-class SFT(L.LightningModule):
+class SFT(Stage):
     """Spoken-dialogue SFT: ``discrete`` (GLM-4-Voice speech LM) or ``continuous`` (KE-Omni encoder + adapter + LLM)."""
 
     def __init__(
@@ -222,11 +221,6 @@ class SFT(L.LightningModule):
         self.log("train/assistant_acc", acc, batch_size=bs)
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norm = grad_norm(self)
-        if norm is not None:
-            self.log("train/grad_norm", norm)
-
     def on_validation_epoch_start(self) -> None:
         self._val = {"ref": [], "hyp": [], "lang": []}
 
@@ -261,25 +255,9 @@ class SFT(L.LightningModule):
             return
         scores = error_rate(v["ref"], v["hyp"], v["lang"])
         self.log("val/answer_cer", float(scores["cer"]), rank_zero_only=True)
-        exp = getattr(self.logger, "experiment", None)
-        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_text"):
-            exp.add_text("val/answer", f"reference: {v['ref'][0]}  \nanswer: {v['hyp'][0]}", self.global_step)
+        self.log_text("val/answer", f"reference: {v['ref'][0]}  \nanswer: {v['hyp'][0]}")
 
     # ------------------------------------------------------------------ optimisation & state
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95),
-                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
-                                   min_lr_ratio=h.min_lr_ratio, decay=h.decay)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.configure_model()
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
-
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:
         """Write the handoff folder. Sharded, every rank calls this (the weights are gathered) and rank 0 writes."""

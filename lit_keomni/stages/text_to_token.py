@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
@@ -28,12 +27,12 @@ from lit_keomni.generate import generate
 from lit_keomni.lm import build_lm, flops_per_token, masked_lm_loss
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.text.templates import END_AUDIO, tts
-from lit_keomni.training import adamw_with_schedule, gather_lists, grad_norm, rng_state, set_rng_state
+from lit_keomni.training import Stage, gather_lists
 
 EXPORT_KIND = "text_to_token"
 
 
-class TextToToken(L.LightningModule):
+class TextToToken(Stage):
     """Text -> speech tokens LM; exports the handoff folder read by ``interleave`` and stage 3."""
 
     def __init__(
@@ -107,11 +106,6 @@ class TextToToken(L.LightningModule):
         self.log("train/speech_token_acc", acc, batch_size=bs)
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norm = grad_norm(self)
-        if norm is not None:
-            self.log("train/grad_norm", norm)
-
     def on_validation_epoch_start(self) -> None:
         self._val = {"ref": [], "hyp": [], "lang": []}
 
@@ -162,25 +156,9 @@ class TextToToken(L.LightningModule):
         for key in ("cer", "wer", "cer_zh", "wer_en"):
             if key in scores:
                 self.log(f"val/generated_{key}", float(scores[key]), rank_zero_only=True)
-        exp = getattr(self.logger, "experiment", None)
-        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_text"):
-            exp.add_text("val/generated", f"text: {v['ref'][0]}  \nASR of generated tokens: {v['hyp'][0]}", self.global_step)
+        self.log_text("val/generated", f"text: {v['ref'][0]}  \nASR of generated tokens: {v['hyp'][0]}")
 
     # ------------------------------------------------------------------ optimisation & state
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return adamw_with_schedule(self.named_parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.95),
-                                   warmup_steps=h.warmup_steps, total_steps=int(self.trainer.estimated_stepping_batches),
-                                   min_lr_ratio=h.min_lr_ratio, decay=h.decay)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.configure_model()
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
-
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:
         """Write the handoff folder. Sharded, every rank calls this (the weights are gathered) and rank 0 writes."""
