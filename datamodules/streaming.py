@@ -27,7 +27,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 
 from datamodules.kespeechchat import Utterance, collect_utterances, load_audio
-from lit_keomni.atomic import staged_dir, write_json
+from lit_keomni.atomic import remove_stale, staged_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def write_chunks(fn: Any, inputs: list[Any], out_dir: Path, *, workers: int, chu
     cache = out_dir.parent / ".cache"
     os.environ.setdefault("DATA_OPTIMIZER_CACHE_FOLDER", str(cache / "chunks"))
     os.environ.setdefault("DATA_OPTIMIZER_DATA_CACHE_FOLDER", str(cache / "data"))
+    remove_stale(out_dir)  # a killed earlier run's temp folder
     with staged_dir(out_dir) as tmp:
         optimize(fn=fn, inputs=inputs, output_dir=str(tmp), chunk_bytes=chunk_bytes,
                  num_workers=max(1, min(workers, len(inputs))), mode="overwrite", verbose=False)
@@ -301,6 +302,7 @@ def write_items(items: Iterable[dict[str, Any]], out_dir: Path, *, chunk_bytes: 
     from litdata.streaming.writer import BinaryWriter
 
     n = 0
+    remove_stale(out_dir)
     with staged_dir(out_dir) as tmp:
         writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
         for n, item in enumerate(items, 1):

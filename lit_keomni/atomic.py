@@ -59,6 +59,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def remove_stale(final: str | Path) -> None:
+    """Remove temp folders that ``staged_dir(final)`` calls of a killed process left beside ``final``."""
+    final = Path(final)
+    if final.parent.is_dir():
+        for stale in final.parent.glob(f".{final.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success it replaces ``final``, on any error it is removed."""

@@ -247,3 +247,17 @@ def test_tokens_of_another_export_are_not_current(tmp_path):
     (tokens / STAMP).write_text(json.dumps({"fingerprint": export_fingerprint(old), "splits": {"train": 3, "val": 1}}))
     assert tokens_are_current(tokens, old) and not tokens_are_current(tokens, new)
     assert not tokens_are_current(tmp_path / "no-tokens", old)
+
+
+def test_chunk_writes_clear_temp_folders_of_a_killed_run(tmp_path):
+    """A SIGKILL mid-write skips every cleanup: the next write of the same chunks removes the dead temp folder."""
+    from litdata import StreamingDataset
+
+    from datamodules.streaming import write_items
+
+    out = tmp_path / "chunks" / "train"
+    dead = tmp_path / "chunks" / ".train.abc123"
+    dead.mkdir(parents=True)
+    (dead / "chunk-0-0.bin").write_bytes(b"half")
+    assert write_items(({"id": str(i), "x": i} for i in range(5)), out) == 5
+    assert not dead.exists() and len(StreamingDataset(str(out))) == 5
