@@ -67,18 +67,31 @@ def write_export(
     return out
 
 
+def _read_config(cfg: Path, missing: str, damaged: str) -> Any:
+    """``config.json`` parsed, or one error naming the file: ``missing`` / ``damaged`` complete the message."""
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg}: missing; {missing}")
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg}: {damaged} ({e})") from None
+
+
+def export_kind(path: str | Path, *, expected: str = "expected an export folder") -> str | None:
+    """The ``kind`` in ``path/config.json``: one of our export kinds, or None for a folder whose config has none (a
+    Hugging Face model folder). ``expected`` completes the error when ``config.json`` is missing."""
+    meta = _read_config(Path(path) / CONFIG_FILE, expected, "not valid JSON")
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    return None if kind is None else str(kind)
+
+
 def read_export_meta(path: str | Path, kind: str) -> dict[str, Any]:
     """Read and check ``config.json`` of an export folder (kind and version), with errors naming the file and field."""
     folder = Path(path)
     cfg = folder / CONFIG_FILE
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: export folder not found (expected a folder written by a '{kind}' stage)")
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{cfg}: missing; {folder} is not an export folder")
-    try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg}: damaged export config ({e})") from None
+    meta = _read_config(cfg, f"{folder} is not an export folder", "damaged export config")
     for field in ("kind", "version", "config"):
         if field not in meta:
             raise ValueError(f"{cfg}: field '{field}' missing")

@@ -10,7 +10,6 @@ Hugging Face Llama folder or an earlier stage's export, and its masked next-toke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_keomni.checkpoints import CONFIG_FILE, WEIGHTS_FILE, llama_from_hf, load_export, load_hf_llama, load_state_checked
+from lit_keomni.checkpoints import CONFIG_FILE, WEIGHTS_FILE, export_kind, llama_from_hf, load_export, load_hf_llama, load_state_checked
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.nn.transformer import Transformer
 
+_INIT_FROM = "init_from must be a Hugging Face Llama folder or an LM export folder"
 LM_EXPORT_KINDS = ("text_to_token", "speech_lm")
 """Export kinds holding a ``Transformer`` + its speech-extended tokenizer."""
 
 
 def is_export(folder: str | Path) -> bool:
     """True when ``folder/config.json`` is one of our export configs (it has a ``kind``), not a Hugging Face one."""
-    cfg = Path(folder) / CONFIG_FILE
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{cfg}: missing; init_from must be a Hugging Face Llama folder or an LM export folder")
-    try:
-        return "kind" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    return export_kind(folder, expected=_INIT_FROM) is not None
 
 
 def build_lm(config: TransformerConfig, vocab_size: int, init_from: str | None = None, *,
@@ -46,8 +40,8 @@ def build_lm(config: TransformerConfig, vocab_size: int, init_from: str | None =
     if not init_from:
         return Transformer(config.replace(vocab_size=vocab_size))
     kept = {k: getattr(config, k) for k in keep}
-    if is_export(init_from):
-        kind = json.loads((Path(init_from) / CONFIG_FILE).read_text(encoding="utf-8"))["kind"]
+    kind = export_kind(init_from, expected=_INIT_FROM)
+    if kind is not None:
         if kind not in LM_EXPORT_KINDS:
             raise ValueError(f"{Path(init_from) / CONFIG_FILE}: field 'kind' is {kind!r}, expected one of {LM_EXPORT_KINDS}")
         exp = load_export(init_from, kind)

@@ -139,6 +139,12 @@ class Stage(L.LightningModule):
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
 
+    def log_loss(self, split: str, loss: torch.Tensor, acc: torch.Tensor, batch_size: int, acc_name: str = "acc") -> None:
+        """``{split}/loss`` (progress bar) and ``{split}/{acc_name}``; validation values are averaged over ranks."""
+        sync = split != "train"
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        self.log(f"{split}/{acc_name}", acc, batch_size=batch_size, sync_dist=sync)
+
     def log_text(self, tag: str, text: str) -> None:
         """A text sample in TensorBoard (rank 0, loggers that take text)."""
         exp = getattr(self.logger, "experiment", None)

@@ -7,7 +7,6 @@ records of an evaluation JSONL.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lit_keomni import checkpoints
 from lit_keomni.checkpoints import CONFIG_FILE, load_lm
 from lit_keomni.eval.report import read_jsonl
 from lit_keomni.nn.audio import load_wav
@@ -30,16 +30,10 @@ SAMPLE_RATE = 16_000
 # ---------------------------------------------------------------------------------------------------- exports
 def export_kind(path: str | Path) -> str:
     """The ``kind`` field of an export folder's ``config.json`` (``speech_lm``, ``keomni_lm``, ...)."""
-    cfg = Path(path) / CONFIG_FILE
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{cfg}: missing; --model must be an export folder")
-    try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise ValueError(f"{cfg}: field 'kind' missing")
-    return str(meta["kind"])
+    kind = checkpoints.export_kind(path, expected="--model must be an export folder")
+    if kind is None:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: field 'kind' missing")
+    return kind
 
 
 @dataclass

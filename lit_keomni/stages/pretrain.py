@@ -176,8 +176,7 @@ class Pretrain(Stage):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, per_token, trained, acc = self._losses(batch)
         bs = batch["input"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/acc", acc, batch_size=bs)
+        self.log_loss("train", loss, acc, bs)
         with torch.no_grad():
             row_loss, row_count = per_token.detach().sum(1), trained.sum(1)
             for i in batch["source"].unique().tolist():

@@ -216,9 +216,7 @@ class SFT(Stage):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, acc = self._loss(batch)
-        bs = batch["input"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/assistant_acc", acc, batch_size=bs)
+        self.log_loss("train", loss, acc, batch["input"].shape[0], "assistant_acc")
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -226,9 +224,7 @@ class SFT(Stage):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, acc = self._loss(batch)
-        bs = batch["input"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("val/assistant_acc", acc, batch_size=bs, sync_dist=True)
+        self.log_loss("val", loss, acc, batch["input"].shape[0], "assistant_acc")
         if self.hparams.mode == "continuous" and batch_idx < self.hparams.val_generate_batches:
             hyps, refs = self.answer_last_questions(batch)
             self._val["ref"] += refs

@@ -101,9 +101,7 @@ class TextToToken(Stage):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, acc = self._loss(batch)
-        bs = batch["input"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/speech_token_acc", acc, batch_size=bs)
+        self.log_loss("train", loss, acc, batch["input"].shape[0], "speech_token_acc")
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -111,9 +109,7 @@ class TextToToken(Stage):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, acc = self._loss(batch)
-        bs = batch["input"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("val/speech_token_acc", acc, batch_size=bs, sync_dist=True)
+        self.log_loss("val", loss, acc, batch["input"].shape[0], "speech_token_acc")
         if batch_idx < self.hparams.val_generate_batches:
             hyps = self.synthesize_and_transcribe(batch["text"])
             self._val["ref"] += batch["text"]
