@@ -488,3 +488,25 @@ def load_keomni(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
                          f"{exp.path / CONFIG_FILE} field 'config.llm.vocab_size' is {model.llm.config.vocab_size}")
     load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
     return model.eval(), tokenizer, exp.meta
+
+
+UNIT_SOURCE_KINDS = ("speech_tokenizer", "units")
+
+
+def unit_meta(path: str | Path) -> dict[str, Any]:
+    """What a unit source gives stages 5–7: ``num_units``, ``frame_rate`` (Hz), ``sample_rate`` of the audio it reads,
+    ``kind`` and ``fingerprint``.
+
+    A unit source is the stage-1 export (units are its VQ codes, the default) or a ``units`` export written by
+    ``python -m lit_keomni units`` (HuBERT k-means ids).
+    """
+    kind = export_kind(path, expected=f"expected one of the unit sources {UNIT_SOURCE_KINDS}")
+    if kind not in UNIT_SOURCE_KINDS:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: field 'kind' is {kind!r}, expected one of {UNIT_SOURCE_KINDS}")
+    meta = read_export_meta(path, kind)
+    if kind == "speech_tokenizer":
+        num_units, rate = meta["codebook_size"], meta["frame_rate_hz"]
+    else:
+        num_units, rate = meta["config"]["num_units"], meta["config"]["frame_rate"]
+    return {"kind": kind, "num_units": int(num_units), "frame_rate": float(rate),
+            "sample_rate": int(meta.get("sample_rate", 16000)), "fingerprint": export_fingerprint(path)}
