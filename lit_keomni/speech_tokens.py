@@ -3,14 +3,16 @@
 Input: a prepared data folder (``chunks/train``, ``chunks/val`` of utterances). Output: ``OUT/chunks/{train,val}`` with
 every utterance's metadata plus ``codes`` (int32, one token per 1/frame_rate s) and ``OUT/tokens.json`` naming the
 export, its frame rate and codebook size, which later stages check. Work is split into batches of utterances spread
-over worker processes; each split is written under a temporary name, so a killed run redoes only unfinished splits.
+over worker processes (or run in this process with one worker); each split is written under a temporary name, so a
+killed run redoes only unfinished splits. ``encode_splits`` is the writer: ``units apply`` uses it for HuBERT units.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from litdata import StreamingDataset
 
-from datamodules.streaming import SPLITS, chunks_dir, write_chunks
+from datamodules.streaming import SPLITS, chunks_dir, write_chunks, write_items
 from datamodules.tokenizer import asr_example
 from lit_keomni.atomic import write_json
 from lit_keomni.checkpoints import export_fingerprint, load_speech_tokenizer
@@ -47,18 +49,19 @@ class SpeechTokenEncoder:
         return [c[:n].to(torch.int32).cpu().numpy() for c, n in zip(codes, code_lengths.tolist())]
 
 
-class _TokenizeJob:
-    """Picklable ``optimize`` fn: one job = a range of input indices, encoded in one batch."""
+class EncodeJob:
+    """Picklable ``optimize`` fn: one job = a range of input indices of ``input_dir``, encoded in one batch by the encoder
+    ``make_encoder()`` builds once per worker (list of 16 kHz float tensors -> list of int32 code arrays)."""
 
-    def __init__(self, export: str, input_dir: str, device: str) -> None:
-        self.export, self.input_dir, self.device = export, input_dir, device
-        self._encoder: SpeechTokenEncoder | None = None
+    def __init__(self, make_encoder: Callable[[], Callable[[list[torch.Tensor]], list[np.ndarray]]], input_dir: str) -> None:
+        self.make_encoder, self.input_dir = make_encoder, input_dir
+        self._encoder: Callable[[list[torch.Tensor]], list[np.ndarray]] | None = None
         self._dataset: StreamingDataset | None = None
 
     def __call__(self, job: tuple[int, int]) -> Iterator[dict[str, Any]]:
         if self._encoder is None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-            self._encoder = SpeechTokenEncoder(self.export, self.device)
+            self._encoder = self.make_encoder()
             self._dataset = StreamingDataset(self.input_dir)
         items = [self._dataset[i] for i in range(*job)]
         codes = self._encoder([asr_example(it)["audio"] for it in items])
@@ -80,16 +83,23 @@ def tokens_are_current(out: str | Path, export: str | Path) -> bool:
 def tokenize(export: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32, workers: int = 1,
              device: str = "cpu") -> dict[str, Any]:
     """Encode every prepared split of ``data`` with ``export``; returns the ``tokens.json`` stamp."""
-    out = Path(out)
     _, _, meta = load_speech_tokenizer(export)  # fail early, in this process, on a bad export
+    stamp = {"export": str(Path(export).resolve()), "fingerprint": export_fingerprint(export),
+             "frame_rate_hz": meta["frame_rate_hz"], "codebook_size": meta["codebook_size"], "data": str(data)}
+    return encode_splits(partial(SpeechTokenEncoder, str(Path(export).resolve()), device), data, out, stamp,
+                         batch_size=batch_size, workers=workers)
+
+
+def encode_splits(make_encoder: Callable[[], Callable[[list[torch.Tensor]], list[np.ndarray]]], data: str | Path,
+                  out: str | Path, stamp: dict[str, Any], *, batch_size: int = 32, workers: int = 1) -> dict[str, Any]:
+    """Write ``out/chunks/{train,val}`` (every prepared item of ``data`` without its audio, plus ``codes`` from
+    ``make_encoder()``) and ``out/tokens.json`` (``stamp`` plus the finished splits; its ``fingerprint`` names the unit
+    source). Splits finished by an earlier run of the same source are kept; another source redoes everything."""
+    out = Path(out)
     stamp_path = out / STAMP
-    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-    fingerprint = export_fingerprint(export)
-    if stamp and stamp.get("fingerprint") != fingerprint:
-        stamp = {}  # tokens of another (or a re-trained) export: redo everything
-    stamp.update({"export": str(Path(export).resolve()), "fingerprint": fingerprint, "frame_rate_hz": meta["frame_rate_hz"],
-                  "codebook_size": meta["codebook_size"], "data": str(data)})
-    stamp.setdefault("splits", {})
+    old = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+    done = old.get("splits", {}) if old.get("fingerprint") == stamp["fingerprint"] else {}
+    stamp = {**stamp, "splits": dict(done)}
     for split in SPLITS:
         src = chunks_dir(data, split)
         if not (src / "index.json").is_file():
@@ -98,7 +108,15 @@ def tokenize(export: str | Path, data: str | Path, out: str | Path, *, batch_siz
             continue  # finished by an earlier run
         n = len(StreamingDataset(str(src)))
         jobs = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-        write_chunks(_TokenizeJob(str(Path(export).resolve()), str(src.resolve()), device), jobs, chunks_dir(out, split), workers=workers)
+        job = EncodeJob(make_encoder, str(src.resolve()))
+        if workers <= 1:  # in this process: no worker process to start
+            threads = torch.get_num_threads()
+            try:
+                write_items((item for j in jobs for item in job(j)), chunks_dir(out, split))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            write_chunks(job, jobs, chunks_dir(out, split), workers=workers)
         stamp["splits"][split] = n
         out.mkdir(parents=True, exist_ok=True)
         write_json(stamp_path, stamp)
