@@ -13,7 +13,9 @@ state), in train mode, on the same random batch of ``--batch`` × ``--seq`` toke
 
 Steps alternate between the two models (ours, HF, ours, HF, ...) so that load changes on a shared machine hit both
 alike; tokens/s = batch × seq / median step time over ``--steps`` steps after ``--warmup`` steps (with ``--compile``
-the warm-up also covers compilation). On CUDA, MFU = (6·N + 12·n_layer·n_embd·seq) FLOPs per token × tokens/s /
+the warm-up also covers compilation). A third row, "ours compiled", is our model with ``torch.compile`` applied per
+block exactly as the stages do with ``model.compile: true`` (``distributed.apply_compile``), from the same initial
+weights; its first step (compilation included) is printed beside the table (``--no-compiled-row`` drops it). On CUDA, MFU = (6·N + 12·n_layer·n_embd·seq) FLOPs per token × tokens/s /
 peak FLOPs of the device and dtype (``lightning.fabric.utilities.throughput.get_available_flops``); N counts the
 parameters that take part in matmuls (all but the input embedding; a tied head counts once), the second term is
 PaLM's attention estimate (scores and weighted sum, forward + backward, without halving for causality).
@@ -22,6 +24,7 @@ PaLM's attention estimate (scores and weighted sum, forward + backward, without 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from common import SMALL_LM, machine_line
 from lit_keomni.checkpoints import llama_to_hf
 from lit_keomni.configs import TransformerConfig
+from lit_keomni.distributed import apply_compile
 from lit_keomni.nn.transformer import Transformer
 
 PRESETS = {"small": SMALL_LM}
@@ -82,7 +86,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (whole model)")
+    p.add_argument("--no-compiled-row", dest="compiled_row", action="store_false",
+                   help="skip the 'ours compiled' row (per-block compile, as model.compile: true)")
     p.add_argument("--tied", action="store_true", help="tie input embedding and output head (both models)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -110,6 +116,11 @@ def main() -> None:
         hf.tie_weights()
     ours.to(device=device, dtype=dtype).train()
     hf.to(device=device, dtype=dtype).train()
+    models = [("ours", ours), ("HF", hf)]
+    if a.compiled_row:
+        compiled = copy.deepcopy(ours)
+        apply_compile(compiled.blocks)
+        models.append(("ours compiled", compiled))
     n_ours, n_hf = (sum(t.numel() for t in m.parameters()) for m in (ours, hf))
     n_mm = matmul_params(ours, ours.embed)
 
@@ -124,15 +135,16 @@ def main() -> None:
         return lambda t: m(input_ids=t, use_cache=False).logits
 
     runs = []
-    for model in (ours, hf):
+    for _, model in models:
         fwd = torch.compile(model) if a.compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-        logits_of = ours_logits(fwd) if model is ours else hf_logits(fwd)
+        logits_of = hf_logits(fwd) if model is hf else ours_logits(fwd)
         runs.append(train_step(model, opt, logits_of, x, y, cfg.vocab_size))
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[list[float]] = [[], []]
-    losses: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in runs]
+    losses: list[list[float]] = [[] for _ in runs]
+    first: list[float] = [0.0 for _ in runs]
     for r in range(a.warmup + a.steps):
         for i, step in enumerate(runs):
             sync()
@@ -141,9 +153,12 @@ def main() -> None:
             sync()
             if r >= a.warmup:
                 times[i].append(time.perf_counter() - t0)
+            elif r == 0:
+                first[i] = time.perf_counter() - t0
             if r < 2:
                 losses[i].append(float(loss))
-    t_ours, t_hf = (statistics.median(t) for t in times)
+    medians = [statistics.median(t) for t in times]
+    t_ours, t_hf = medians[:2]
     tokens = a.batch * a.seq
 
     print(machine_line(device))
@@ -152,8 +167,8 @@ def main() -> None:
           f"tied={cfg.tie_embeddings}; params ours {n_ours / 1e6:.2f} M, HF {n_hf / 1e6:.2f} M")
     print(f"step = forward + cross-entropy + backward + AdamW; batch {a.batch} × seq {a.seq} = {tokens} tokens, "
           f"{a.dtype}, compile={a.compile}, median of {a.steps} alternating steps after {a.warmup} warm-up")
-    print(f"loss at steps 1, 2 (same initial weights): ours {losses[0][0]:.4f}, {losses[0][1]:.4f}; "
-          f"HF {losses[1][0]:.4f}, {losses[1][1]:.4f}\n")
+    print("loss at steps 1, 2 (same initial weights): "
+          + "; ".join(f"{name} {ls[0]:.4f}, {ls[1]:.4f}" for (name, _), ls in zip(models, losses)) + "\n")
     mfu_head = ""
     peak = None
     if device.type == "cuda":
@@ -162,11 +177,14 @@ def main() -> None:
         peak = get_available_flops(device, dtype)
         mfu_head = f"{'MFU':>8}"
     flops_per_token = 6 * n_mm + 12 * cfg.n_layer * cfg.n_embd * a.seq
-    print(f"{'model':<8}{'step ms':>10}{'tokens/s':>12}{mfu_head}")
-    for name, t in (("ours", t_ours), ("HF", t_hf)):
+    print(f"{'model':<15}{'step ms':>10}{'tokens/s':>12}{mfu_head}")
+    for (name, _), t in zip(models, medians):
         mfu = f"{flops_per_token * tokens / t / peak:>8.1%}" if peak else ""
-        print(f"{name:<8}{t * 1e3:>10.1f}{tokens / t:>12.0f}{mfu}")
+        print(f"{name:<15}{t * 1e3:>10.1f}{tokens / t:>12.0f}{mfu}")
     print(f"\nours/HF tokens/s: {t_hf / t_ours:.2f}×")
+    if a.compiled_row:
+        print(f"ours compiled/ours tokens/s: {t_ours / medians[2]:.2f}× (first step, compilation included: "
+              f"{first[2]:.1f} s; eager first step {first[0]:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,17 @@ set ``self.device_mesh``, shards it with two lines::
   loops whose length differs between ranks (greedy decoding, sampling until an end token) issue no collectives and
   cannot deadlock;
 - ``full_state_dict`` gathers the whole model on rank 0 (every rank must call it) for the export folder.
+
+``apply_compile`` compiles each block in place with ``torch.compile`` (torchtitan ``apply_compile``): the repeated
+blocks share one compiled graph, so compilation costs one block, and embeddings, heads and Python-heavy code around
+the blocks (masks, KV-cache bookkeeping, generation loops) stay eager. ``apply_fsdp(compile=True)`` does it in
+torchtitan's order: activation-checkpoint wrapping, then compile, then ``fully_shard``. A stage turns it on with its
+``compile`` hyper-parameter (recipes: ``model.compile: true``)::
+
+    if self.device_mesh is not None:
+        apply_fsdp(..., compile=self.hparams.compile)
+    elif self.hparams.compile:
+        apply_compile(self.model.blocks)
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ def apply_fsdp(
     reduce_dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
+    compile: bool = False,
 ) -> nn.Module:
     """Shard ``module`` with FSDP2: each of ``blocks`` (submodules of ``module``) its own group, then the root.
 
@@ -54,6 +66,7 @@ def apply_fsdp(
         activation_checkpointing: Recompute each block's activations in backward instead of keeping them.
         reshard_after_forward: Free each block's gathered parameters after its forward (ZeRO-3); False keeps them
             until backward (ZeRO-2: more memory, fewer all-gathers).
+        compile: ``apply_compile`` the blocks (after checkpoint wrapping, before sharding).
     Returns:
         ``module``, sharded in place (its class becomes an ``FSDPModule``).
     """
@@ -64,6 +77,8 @@ def apply_fsdp(
         raise ValueError("apply_fsdp: blocks is empty; pass the repeated layers of the model (e.g. model.blocks)")
     if activation_checkpointing:
         blocks = _checkpoint_blocks(module, blocks)
+    if compile:
+        apply_compile(blocks)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -73,6 +88,23 @@ def apply_fsdp(
     groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
     module.register_forward_pre_hook(_EvalGather(module, groups, reshard_after_forward), prepend=True)
     return module
+
+
+def apply_compile(blocks: Iterable[nn.Module]) -> None:
+    """``torch.compile`` each of ``blocks`` in place (``nn.Module.compile``): the module objects, their names and the
+    state-dict keys stay the same (no ``_orig_mod.`` prefix), so checkpoints and exports are interchangeable between
+    compiled and eager runs. Compilation happens at the first forward of each input signature; sequence lengths that
+    vary between batches become dynamic after the first recompilation (torch's automatic dynamic shapes); graph
+    breaks (e.g. FSDP's hooks) fall back to eager between graphs.
+
+    Args:
+        blocks: The repeated layers (e.g. ``model.blocks``), or their activation-checkpoint wrappers.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("apply_compile: blocks is empty; pass the repeated layers of the model (e.g. model.blocks)")
+    for block in blocks:
+        block.compile()
 
 
 def _checkpoint_blocks(module: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import lm_tokenizer, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.lm import build_lm, flops_per_token
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.training import Stage
@@ -55,6 +55,7 @@ class Pretrain(Stage):
         decay: str = "linear",
         export_dir: str | None = "checkpoints/stage3/export",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -72,6 +73,8 @@ class Pretrain(Stage):
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             activation_checkpointing: Recompute each block in backward instead of storing its activations
                 (FSDP runs only).
+            compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
+                wrapping, before sharding); the first step of each new batch shape is slower.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -95,7 +98,9 @@ class Pretrain(Stage):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
             apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.blocks,
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing)
+                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
+        elif self.hparams.compile:
+            apply_compile(self.model.blocks)
 
     def forward(self, idx: Tensor, document_ids: Tensor | None = None) -> Tensor:
         return self.model(idx, document_ids=document_ids)

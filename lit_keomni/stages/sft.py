@@ -29,7 +29,7 @@ from torch import Tensor
 from lit_keomni.checkpoints import (CONFIG_FILE, WEIGHTS_FILE, load_speech_tokenizer, load_state_checked, lm_tokenizer,
                                     read_export_meta, read_hf_folder, whisper_from_hf, write_export)
 from lit_keomni.configs import SpeechTokenizerConfig, TransformerConfig, config_dict
-from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.lm import build_lm, flops_per_token, is_export, masked_lm_loss
 from lit_keomni.nn.adapter import SpeechAdapter
@@ -100,6 +100,7 @@ class SFT(Stage):
         max_answer_tokens: int = 64,
         export_dir: str | None = "checkpoints/stage4/export",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -128,6 +129,8 @@ class SFT(Stage):
             max_answer_tokens: Longest generated answer in validation.
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             activation_checkpointing: Recompute each LLM block in backward (FSDP runs only).
+            compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
+                wrapping, before sharding); the first step of each new batch shape is slower.
         """
         super().__init__()
         if mode not in MODES:
@@ -186,7 +189,9 @@ class SFT(Stage):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
             apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=blocks,
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=h.activation_checkpointing)
+                       activation_checkpointing=h.activation_checkpointing, compile=h.compile)
+        elif h.compile:
+            apply_compile(blocks)
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         if self.hparams.mode == "discrete":

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import lm_tokenizer, load_speech_tokenizer, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.generate import generate
 from lit_keomni.lm import build_lm, flops_per_token, masked_lm_loss
@@ -50,6 +50,7 @@ class TextToToken(Stage):
         speech_per_text_token: float = 6.0,
         export_dir: str | None = "checkpoints/stage2/export",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -69,6 +70,8 @@ class TextToToken(Stage):
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             activation_checkpointing: Recompute each block in backward instead of storing its activations
                 (FSDP runs only; trades ~30 % more compute for memory).
+            compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
+                wrapping, before sharding); the first step of each new batch shape is slower.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -90,7 +93,9 @@ class TextToToken(Stage):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
             apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.blocks,
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing)
+                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
+        elif self.hparams.compile:
+            apply_compile(self.model.blocks)
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)

@@ -32,7 +32,7 @@ from lit_keomni.checkpoints import (
     write_export,
 )
 from lit_keomni.configs import SpeechTokenizerConfig, config_dict
-from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.nn.audio import LogMel, mel_spectrogram_image
 from lit_keomni.nn.whisper import SpeechTokenizerModel
@@ -82,6 +82,7 @@ class SpeechTokenizer(L.LightningModule):
         val_decode_batches: int = 8,
         export_dir: str | None = "checkpoints/stage1/export",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -101,6 +102,8 @@ class SpeechTokenizer(L.LightningModule):
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             activation_checkpointing: Recompute each block in backward instead of storing its activations
                 (FSDP runs only; trades ~30 % more compute for memory).
+            compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
+                wrapping, before sharding); the first step of each new batch shape is slower.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -130,7 +133,9 @@ class SpeechTokenizer(L.LightningModule):
             apply_fsdp(self.model, self.device_mesh["data_parallel"],
                        blocks=[*self.model.encoder.layers, *self.model.decoder.layers],
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing)
+                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
+        elif self.hparams.compile:
+            apply_compile([*self.model.encoder.layers, *self.model.decoder.layers])
 
     def _load_hf_whisper(self, folder: str) -> None:
         hf_config, state = read_hf_folder(folder)
