@@ -104,3 +104,14 @@ def test_every_stage_compiles_its_blocks(name, prepared, stage1_export):
         blocks = list(stage.model.get_submodule(path))
         assert blocks and all(_compiled(b) for b in blocks), path
     assert not _compiled(stage.model)
+
+
+def test_vocoder_compiles_generator_and_discriminators(stage1_export):
+    from lit_keomni.stages.vocoder import Vocoder
+
+    stage = Vocoder(config="tiny", units_from=str(stage1_export), compile=True)
+    stage.configure_model()
+    assert all(_compiled(m) for m in (stage.generator, stage.mpd, stage.msd))
+    eager = Vocoder(config="tiny", units_from=str(stage1_export))
+    eager.configure_model()
+    assert not _compiled(eager.generator)
