@@ -510,3 +510,71 @@ def unit_meta(path: str | Path) -> dict[str, Any]:
         num_units, rate = meta["config"]["num_units"], meta["config"]["frame_rate"]
     return {"kind": kind, "num_units": int(num_units), "frame_rate": float(rate),
             "sample_rate": int(meta.get("sample_rate", 16000)), "fingerprint": export_fingerprint(path)}
+
+
+# ---------------------------------------------------------------------------------------------------- speech decoder
+
+DECODER_FIELDS = ("hidden_size", "llm_fingerprint", "num_units", "frame_rate", "units_fingerprint")
+"""Fields of a duration / unit_generator export's config.json that its users check (chat, stage 6)."""
+
+
+def decoder_handoff(llm_from: str | Path, units_from: str | Path) -> dict[str, Any]:
+    """What a speech-decoder export records of its inputs: the stage-4 KE-Omni export (``hidden_size``,
+    ``llm_fingerprint``) and the unit source (``num_units``, ``frame_rate``, ``units_fingerprint``, ``units_kind``)."""
+    llm = read_export_meta(llm_from, "keomni_lm")
+    units = unit_meta(units_from)
+    return {"hidden_size": int(llm["config"]["llm"]["n_embd"]), "llm_fingerprint": export_fingerprint(llm_from),
+            "llm_from": str(Path(llm_from).resolve()), "num_units": units["num_units"],
+            "frame_rate": units["frame_rate"], "units_fingerprint": units["fingerprint"], "units_kind": units["kind"],
+            "units_from": str(Path(units_from).resolve())}
+
+
+def _load_decoder(path: str | Path, kind: str, expect: Mapping[str, Any] | None) -> tuple[LoadedExport, Any]:
+    from lit_keomni.configs import TransformerConfig
+
+    exp = load_export(path, kind, expect)
+    for field in DECODER_FIELDS:
+        if field not in exp.meta:
+            raise ValueError(f"{exp.path / CONFIG_FILE}: field '{field}' missing")
+    return exp, TransformerConfig.from_dict(exp.config, source=str(exp.path / CONFIG_FILE))
+
+
+def load_duration(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """A stage-5 export (kind ``duration``) -> (``DurationPredictor`` in eval mode, export metadata). ``expect``:
+    required values of metadata fields, e.g. ``{"hidden_size": 4096, "llm_fingerprint": ...}``."""
+    from lit_keomni.nn.speech_decoder import DurationPredictor
+
+    exp, config = _load_decoder(path, "duration", expect)
+    model = DurationPredictor(int(exp.meta["hidden_size"]), config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.eval(), exp.meta
+
+
+def load_unit_generator(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """A stage-6 export (kind ``unit_generator``) -> (``UnitGenerator`` in eval mode, export metadata: speaker,
+    num_units, frame_rate, fingerprints, hidden_size). ``expect`` as for ``load_duration``."""
+    from lit_keomni.nn.speech_decoder import UnitGenerator
+
+    exp, config = _load_decoder(path, "unit_generator", expect)
+    model = UnitGenerator(int(exp.meta["hidden_size"]), int(exp.meta["num_units"]), config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.eval(), exp.meta
+
+
+def load_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """A stage-7 export (kind ``vocoder``) -> (``UnitVocoder`` in eval mode, weight norm folded in; export metadata).
+    The generator config must agree with the recorded ``num_units``, ``sample_rate`` and ``frame_rate``."""
+    from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig
+
+    exp = load_export(path, "vocoder")
+    source = str(exp.path / CONFIG_FILE)
+    config = VocoderConfig.from_dict(exp.config, source=source)
+    for field in ("sample_rate", "frame_rate"):
+        if field not in exp.meta or exp.meta[field] != getattr(config, field):
+            raise ValueError(f"{source}: field '{field}' is {exp.meta.get(field)!r}, but 'config.{field}' is "
+                             f"{getattr(config, field)!r}")
+    if "num_units" not in exp.meta:
+        raise ValueError(f"{source}: field 'num_units' missing")
+    model = UnitVocoder(int(exp.meta["num_units"]), config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.remove_weight_norm().eval(), exp.meta

@@ -118,11 +118,12 @@ class KeOmni(nn.Module):
 
     def forward(self, ids: Tensor, speech_mask: Tensor | None = None, mels: Tensor | None = None,
                 mel_lengths: Tensor | None = None, *, input_pos: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+                attention_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:
         """Logits (B, T, padded_vocab) of the LLM over ``ids`` (B, T) whose ``speech_mask`` (B, T) slots are replaced,
         in row-major order, by the adapter frames of ``mels`` (one entry per user turn, in the order their slots
         appear: row 0's turns first). Without ``speech_mask`` a plain LLM call (e.g. a decoding step).
-        ``input_pos``/``attention_mask`` go to the LLM (KV-cache decoding, left padding)."""
+        ``input_pos``/``attention_mask`` go to the LLM (KV-cache decoding, left padding); ``return_hidden``: the
+        LLM's last hidden states after the final norm (B, T, n_embd) instead of logits (the speech decoder's input)."""
         x = self.llm.embed(ids)
         if speech_mask is not None and bool(speech_mask.any()):
             if mels is None or mel_lengths is None:
@@ -135,7 +136,8 @@ class KeOmni(nn.Module):
                                  f"adapter frames (per turn {lengths.tolist()}); slots must be counted with "
                                  f"speech_frames(samples, stack={self.stack})")
             x = x.masked_scatter(speech_mask[..., None], frames[valid].to(x.dtype))
-        return self.llm(inputs_embeds=x, input_pos=input_pos, attention_mask=attention_mask)
+        return self.llm(inputs_embeds=x, input_pos=input_pos, attention_mask=attention_mask,
+                        return_hidden=return_hidden)
 
     # ------------------------------------------------------------------------------------------------ inference
 
@@ -195,3 +197,23 @@ class _SpeechPrompt:
         self.prefilled = True
         return self.model(idx, idx == self.slot_id, self.mels, self.mel_lengths, input_pos=input_pos,
                           attention_mask=attention_mask)
+
+
+@torch.no_grad()
+def answer_hidden_states(model: KeOmni, tokenizer: TextTokenizer, wavs: Sequence[Tensor], history: Sequence[str],
+                         answer: Sequence[int]) -> Tensor:
+    """The speech decoder's input for one answer: the LLM's last hidden states (len(answer), n_embd) at the input
+    positions of the answer's text tokens, teacher-forced over the KE-Omni dialogue. ``wavs``: the dialogue's user
+    turns (mono 16 kHz), the last one being answered; ``history``: the earlier answers' texts (len(wavs) - 1);
+    ``answer``: the answer's token ids without ``<|eos|>``. The LLM is causal, so these equal the states a KV-cache
+    generation of ``answer`` computes, and those of the stage-5/6 training features."""
+    if len(history) != len(wavs) - 1:
+        raise ValueError(f"answer_hidden_states: {len(history)} earlier answers for {len(wavs)} user turns")
+    exchanges = [Exchange(user_frames=model.speech_frames(w.shape[-1]), text=t) for w, t in zip(wavs, history)]
+    exchanges.append(Exchange(user_frames=model.speech_frames(wavs[-1].shape[-1])))
+    prompt = keomni_dialogue(tokenizer, exchanges)[0]
+    device = model.llm.embed.weight.device
+    ids = torch.tensor([prompt + [int(i) for i in answer]], device=device)
+    mels, mel_lengths = model.features(wavs)
+    hidden = model(ids, ids == tokenizer.token_to_id(PAD), mels, mel_lengths, return_hidden=True)
+    return hidden[0, len(prompt):]
