@@ -260,3 +260,16 @@ def test_paper_recipe(capsys, monkeypatch):
         predictor = DurationPredictor(4096, TransformerConfig.from_name(m["config"], **(m["overrides"] or {})))
     assert predictor.proj.in_features == 4096 and not predictor.config.causal
     assert sum(p.numel() for p in predictor.parameters()) < 1e9
+
+
+@pytest.mark.parametrize("kind", ["duration", "unit_generator"])
+def test_compile_option_compiles_each_block(kind, stage1_export, keomni_export):
+    from lit_keomni.stages.unit_generator import UnitGeneratorStage
+
+    cls = DurationStage if kind == "duration" else UnitGeneratorStage
+    stages = [cls(config="tiny", overrides=DECODER_TINY, llm_from=str(keomni_export), units_from=str(stage1_export),
+                  compile=c) for c in (False, True)]
+    for stage in stages:
+        stage.configure_model()
+    compiled = [[getattr(b, "_compiled_call_impl", None) is not None for b in s.model.net.blocks] for s in stages]
+    assert compiled[1] and all(compiled[1]) and not any(compiled[0])

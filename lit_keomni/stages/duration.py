@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import decoder_handoff, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.nn.speech_decoder import DurationPredictor, cumulative_round
 from lit_keomni.training import Stage
 
@@ -46,6 +46,7 @@ class DurationStage(Stage):
         decay: str = "cosine",
         export_dir: str | None = "checkpoints/stage5/export",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -61,6 +62,7 @@ class DurationStage(Stage):
             decay: "cosine" or "linear" decay after warm-up.
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             activation_checkpointing: Recompute each block in backward (FSDP runs only).
+            compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP before sharding).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -80,7 +82,9 @@ class DurationStage(Stage):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
             apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.net.blocks,
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing)
+                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
+        elif self.hparams.compile:
+            apply_compile(self.model.net.blocks)
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         return self.model.raw(hidden, mask)

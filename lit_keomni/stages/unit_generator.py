@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import CONFIG_FILE, decoder_handoff, load_duration, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
 from lit_keomni.nn.speech_decoder import UnitGenerator, decode_units
 from lit_keomni.training import Stage
 
@@ -49,6 +49,7 @@ class UnitGeneratorStage(Stage):
         decay: str = "cosine",
         export_dir: str | None = "checkpoints/stage6/export",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -65,6 +66,7 @@ class UnitGeneratorStage(Stage):
             decay: "cosine" or "linear" decay after warm-up.
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             activation_checkpointing: Recompute each block in backward (FSDP runs only).
+            compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP before sharding).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -91,7 +93,9 @@ class UnitGeneratorStage(Stage):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
             apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.net.blocks,
                        param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=h.activation_checkpointing)
+                       activation_checkpointing=h.activation_checkpointing, compile=h.compile)
+        elif h.compile:
+            apply_compile(self.model.net.blocks)
 
     def forward(self, hidden: Tensor, durations: Tensor, mask: Tensor) -> Tensor:
         return self.model(hidden, durations, mask)
