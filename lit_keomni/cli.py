@@ -3,6 +3,10 @@
     python -m lit_keomni fit --config recipes/stage1.yaml
     python -m lit_keomni prepare [--source PATH] --out data/builtin
     python -m lit_keomni tokenize --export checkpoints/stage1/export --data data/builtin --out data/tokens
+    python -m lit_keomni units fit --hubert DIR --layer 9 --k 4000 --data data/builtin --out checkpoints/units
+    python -m lit_keomni units apply --units checkpoints/units --data data/builtin --out data/units
+    python -m lit_keomni align --whisper DIR --data JSON_OR_FOLDER --out DIR
+    python -m lit_keomni chat --pipeline keomni|glm --model DIR --vocoder DIR [...] question.wav --out chat_out
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ STAGES = {
     "stage2": "text-to-token model (text -> speech tokens)                     lit_keomni.stages.text_to_token.TextToToken",
     "stage3": "speech-text pre-training (30 % text, interleaved, speech, ASR, TTS) lit_keomni.stages.pretrain.Pretrain",
     "stage4": "spoken-dialogue SFT: GLM-4-Voice templates (discrete) or KE-Omni encoder+adapter (continuous)  lit_keomni.stages.sft.SFT",
+    "stage5": "speech decoder: duration predictor (LLM hidden states -> frames per token)  lit_keomni.stages.duration.DurationStage",
+    "stage6": "speech decoder: unit generator (upsampled hidden states -> units, one agent voice)  lit_keomni.stages.unit_generator.UnitGeneratorStage",
+    "stage7": "unit HiFi-GAN vocoder (units -> waveform, one per agent speaker)  lit_keomni.stages.vocoder.Vocoder",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test")
 
@@ -42,8 +49,12 @@ def usage() -> str:
         "  prepare                    build the built-in corpus (or --source your Ke-SpeechChat data) into litdata chunks",
         "  tokenize                   encode prepared audio into speech tokens with a stage-1 export",
         "  interleave                 synthesise interleaved speech-text data from text with a stage-2 export",
+        "  units fit|apply            HuBERT k-means speech units (fit a units export; write unit ids like tokenize)",
+        "  align                      add Whisper word timestamps (the words field) to Ke-SpeechChat dialogues",
         "evaluation:",
         "  eval TASK                  asr, storycloze, spoken-qa, utmos, judge (eval --help lists them)",
+        "inference:",
+        "  chat INPUT                 speech in, streamed speech out (--pipeline keomni|glm), timed; chat --help",
         "",
         "stages:",
         *(f"  {name}  {text}" for name, text in STAGES.items()),
@@ -162,8 +173,81 @@ def eval_command(argv: list[str]) -> None:
     run(argv)
 
 
+def units_command(argv: list[str]) -> None:
+    from lit_keomni import units
+
+    p = argparse.ArgumentParser(prog="python -m lit_keomni units",
+                                description="HuBERT k-means speech units (KE-Omni §4.3): fit the k-means model, then "
+                                            "write every prepared utterance's unit ids in the data/tokens layout.")
+    sub = p.add_subparsers(dest="step", required=True)
+    fit = sub.add_parser("fit", help="fit k-means on HuBERT features of the prepared training split")
+    fit.add_argument("--hubert", required=True, help="local Hugging Face HuBERT folder (config.json + weights)")
+    fit.add_argument("--layer", type=int, required=True,
+                     help="hidden-state index (0 = transformer input, N = output of layer N)")
+    fit.add_argument("--k", type=int, default=4000, help="number of units (clusters); the paper uses 4000")
+    fit.add_argument("--data", default="data/builtin", help="prepared data folder (from `prepare`)")
+    fit.add_argument("--out", default="checkpoints/units", help="units export folder")
+    fit.add_argument("--max-frames", type=int, default=1_000_000,
+                     help="uniform random sample of HuBERT frames k-means is fitted on (0 = all)")
+    fit.add_argument("--max-utterances", type=int, default=0,
+                     help="features from a random subset of this many training utterances (0 = all)")
+    fit.add_argument("--init", choices=("k-means++", "random"), default="k-means++")
+    fit.add_argument("--max-iter", type=int, default=100, help="most Lloyd iterations")
+    fit.add_argument("--tol", type=float, default=1e-4, help="stop when centroids move less than tol x feature variance")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--batch-size", type=int, default=16, help="utterances per HuBERT batch")
+    fit.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    app = sub.add_parser("apply", help="write unit ids of every prepared utterance (OUT/chunks/{train,val}, tokens.json)")
+    app.add_argument("--units", default="checkpoints/units", help="units export folder (from `units fit`)")
+    app.add_argument("--hubert", default=None, help="HuBERT folder the units were fitted on (default: the one recorded)")
+    app.add_argument("--data", default="data/builtin", help="prepared data folder (from `prepare`)")
+    app.add_argument("--out", default="data/units", help="output folder, read by stages 5-7 as tokens_dir")
+    app.add_argument("--batch-size", type=int, default=16, help="utterances per job")
+    app.add_argument("--workers", type=int, default=1, help="worker processes")
+    app.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    a = p.parse_args(argv)
+    if a.step == "fit":
+        meta = units.fit_units(a.hubert, a.data, a.out, layer=a.layer, k=a.k, max_frames=a.max_frames or None,
+                               max_utterances=a.max_utterances or None, init=a.init, max_iter=a.max_iter, tol=a.tol,
+                               seed=a.seed, batch_size=a.batch_size, device=a.device)
+        fit = meta["fit"]
+        print(f"wrote {a.out}: {meta['config']['num_units']} units of HuBERT layer {a.layer} "
+              f"({meta['config']['frame_rate']} Hz) from {fit['frames_fitted']} of {fit['frames_seen']} frames; "
+              f"inertia {fit['inertia']}, {fit['used']}/{fit['num_units']} units used, perplexity {fit['perplexity']}, "
+              f"{fit['iterations']} iterations{'' if fit['converged'] else ' (not converged)'}")
+    else:
+        stamp = units.apply_units(a.units, a.data, a.out, hubert=a.hubert, batch_size=a.batch_size,
+                                  workers=a.workers, device=a.device)
+        print(f"wrote HuBERT units ({stamp['frame_rate_hz']} Hz, {stamp['codebook_size']} units) for {stamp['splits']} "
+              f"to {a.out}")
+
+
+def align_command(argv: list[str]) -> None:
+    from lit_keomni.align import align
+
+    p = argparse.ArgumentParser(prog="python -m lit_keomni align",
+                                description="Word timestamps from a local Whisper folder (forced alignment of each turn's "
+                                            "text) for turns without a words field; writes Ke-SpeechChat JSON copies.")
+    p.add_argument("--whisper", required=True, help="local Hugging Face Whisper folder (model, processor, generation_config)")
+    p.add_argument("--data", required=True, help="Ke-SpeechChat dialogues: a folder of JSON, a .json or a .jsonl file")
+    p.add_argument("--out", required=True, help="output folder: one DIALOGUE_ID.json per dialogue (audio paths rewritten)")
+    p.add_argument("--batch-size", type=int, default=8, help="turns per Whisper batch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    a = p.parse_args(argv)
+    summary = align(a.whisper, a.data, a.out, batch_size=a.batch_size, device=a.device)
+    print(f"aligned {summary['aligned_turns']} turns ({summary['kept_turns']} kept their words) of "
+          f"{summary['dialogues']} dialogues into {a.out}")
+
+
+def chat_command(argv: list[str]) -> None:
+    from lit_keomni.chat import main as chat
+
+    chat(argv)
+
+
 COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command, "interleave": interleave_command,
-            "eval": eval_command}
+            "eval": eval_command, "units": units_command, "align": align_command,
+            "chat": chat_command}
 
 
 def main(argv: list[str] | None = None) -> None:
