@@ -4,9 +4,11 @@
 
 Offline, in ``--workdir`` (default: a temp folder, removed at the end):
   1. inputs: a toy-world text corpus of N documents (``write_text_corpus``) per size, and a prepared utterance corpus
-     (``datamodules.streaming.prepare``) of about N utterances (~3.7 per dialogue). The toy world has a limited number
-     of unique sentences (``plan_texts`` raises beyond ~1,800 dialogues at seed 1234, ~6,600 utterances), so the
-     utterance corpus is capped at ``--max-dialogues``; the table shows the real item counts.
+     (``datamodules.streaming.prepare``) of at least about N utterances (~3.7 per dialogue). One toy world has a limited
+     number of unique sentences (``plan_texts`` raises beyond ~1,800 dialogues at seed 1234, ~1,500 at seed 1235), so
+     the dialogues are built as several worlds of at most ``--max-dialogues`` each (``build_corpus`` with seeds 1234,
+     1235, ...) and merged into one Ke-SpeechChat folder (``merge_corpora``: dialogue ids prefixed per seed, wav
+     folders symlinked); the table shows the real item counts.
   2. tiny random exports, built and exported directly (no training): stage 1 (``SpeechTokenizer``, VQ on, random
      codebook) and stage 2 (``TextToToken`` on that stage-1 export).
   3. ``python -m lit_keomni tokenize`` and ``python -m lit_keomni interleave`` as fresh subprocesses per size; wall
@@ -67,17 +69,94 @@ def build_exports(prepared: Path, out: Path) -> tuple[Path, Path]:
     return Path(stage1), Path(stage2)
 
 
-def prepare_utterances(out: Path, num_dialogues: int) -> dict[str, int]:
-    """Prepared corpus of ``num_dialogues`` toy-world dialogues in ``out`` (reused when already there)."""
+def world_sizes(num_dialogues: int, max_per_world: int) -> list[int]:
+    """Dialogues per toy world: as few worlds as keep each at most ``max_per_world``, sizes as even as possible."""
+    worlds = max(1, math.ceil(num_dialogues / max_per_world))
+    return [num_dialogues // worlds + (k < num_dialogues % worlds) for k in range(worlds)]
+
+
+def merge_corpora(corpora: list[Path], out: Path) -> Path:
+    """One Ke-SpeechChat folder ``out`` holding the dialogues of several built corpora (``build_corpus`` outputs).
+
+    A dialogue ``D`` of the corpus built with seed ``S`` becomes ``s<S>-D``: its JSON is rewritten to ``out/s<S>-D.json``
+    with that id and audio paths ``s<S>-D/<wav name>``, and ``out/s<S>-D`` is a symlink to the corpus's wav folder ``D``
+    (nothing is copied). ``out/corpus.json`` (skipped by folder scans) records the parts and the summed counts; it has
+    no ``seed``, so ``build_corpus`` never takes the merged folder for one of its own. Built in a temp folder and
+    renamed, so an interrupted merge never looks finished; a finished one is reused.
+    """
+    from datamodules.corpus import CORPUS_VERSION
+    from datamodules.kespeechchat import STAMP_NAME, write_dialogue
+    from lit_keomni.atomic import staged_dir, write_json
+
+    stamps = [json.loads((c / STAMP_NAME).read_text(encoding="utf-8")) for c in corpora]
+    seeds = [st["seed"] for st in stamps]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"merge_corpora: seeds {seeds} repeat; each part needs its own seed (its id prefix)")
+    if len({st["sample_rate"] for st in stamps}) != 1:
+        raise ValueError(f"merge_corpora: sample rates differ: {[st['sample_rate'] for st in stamps]}")
+    summary = {
+        "version": CORPUS_VERSION,
+        "merged_from": [{"path": str(c.resolve()), "seed": st["seed"], "num_dialogues": st["num_dialogues"],
+                         "prefix": f"s{st['seed']}-"} for c, st in zip(corpora, stamps)],
+        "num_dialogues": sum(st["num_dialogues"] for st in stamps),
+        "sample_rate": stamps[0]["sample_rate"],
+        "utterances": sum(st["utterances"] for st in stamps),
+        "hours": round(sum(st["hours"] for st in stamps), 4),
+        "languages": {lang: sum(st["languages"][lang] for st in stamps) for lang in ("en", "zh")},
+    }
+    stamp_path = out / STAMP_NAME
+    if stamp_path.is_file() and json.loads(stamp_path.read_text(encoding="utf-8")) == summary:
+        return out
+    with staged_dir(out) as tmp:
+        for corpus, st in zip(corpora, stamps):
+            prefix = f"s{st['seed']}-"
+            for path in sorted(corpus.glob("*.json")):
+                if path.name == STAMP_NAME:
+                    continue
+                d = json.loads(path.read_text(encoding="utf-8"))
+                did = d["id"]
+                d["id"] = prefix + did
+                for turn in d["dialog"]:
+                    folder, _, name = turn["audio_path"].partition("/")
+                    if folder != did or not name:
+                        raise ValueError(f"{path}: dialogue {did!r} audio_path {turn['audio_path']!r} is not in its "
+                                         f"own folder {did}/")
+                    turn["audio_path"] = f"{prefix}{did}/{name}"
+                (tmp / f"{prefix}{did}").symlink_to((corpus / did).resolve(), target_is_directory=True)
+                write_dialogue(d, tmp / f"{prefix}{did}.json")
+        write_json(tmp / STAMP_NAME, summary)
+    return out
+
+
+def build_utterance_source(work: Path, num_dialogues: int, max_per_world: int) -> Path:
+    """A Ke-SpeechChat folder of ``num_dialogues`` toy-world dialogues: one built corpus, or several toy worlds
+    (seeds 1234, 1235, ...; at most ``max_per_world`` dialogues each) merged. Built corpora are reused."""
+    from datamodules.corpus import build_corpus
+
+    sizes = world_sizes(num_dialogues, max_per_world)
+    corpora = []
+    for k, n in enumerate(sizes):
+        t0 = time.perf_counter()
+        path = work / "worlds" / f"seed{1234 + k}-{n}"
+        fresh = not path.is_dir()
+        corpora.append(build_corpus(path, num_dialogues=n, seed=1234 + k, workers=os.cpu_count() or 1, progress=False))
+        if fresh:
+            print(f"built toy world seed {1234 + k}: {n} dialogues in {time.perf_counter() - t0:.0f} s", flush=True)
+    if len(corpora) == 1:
+        return corpora[0]
+    return merge_corpora(corpora, work / "sources" / f"merged-{'+'.join(map(str, sizes))}")
+
+
+def prepare_utterances(out: Path, source: Path) -> dict[str, int]:
+    """Prepared corpus of the dialogues in ``source`` in ``out`` (reused when already there)."""
     from datamodules.streaming import prepare
 
     stamp = out / "prepared.json"
-    if stamp.is_file():
+    if stamp.is_file() and json.loads(stamp.read_text())["source"] == str(source):
         return json.loads(stamp.read_text())["utterances"]
     t0 = time.perf_counter()
-    s = prepare(out, num_dialogues=num_dialogues, seed=1234, workers=os.cpu_count() or 1, progress=False)
-    print(f"prepared {num_dialogues} dialogues, {s['utterances']} utterances in {time.perf_counter() - t0:.0f} s",
-          flush=True)
+    s = prepare(out, source, workers=os.cpu_count() or 1, progress=False)
+    print(f"prepared {source.name}: {s['utterances']} utterances in {time.perf_counter() - t0:.0f} s", flush=True)
     return s["utterances"]
 
 
@@ -160,7 +239,8 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="interleave documents per shard in the timed runs")
     p.add_argument("--batch-size", type=int, default=256, help="interleave spans per batch")
     p.add_argument("--tokenize-batch", type=int, default=32)
-    p.add_argument("--max-dialogues", type=int, default=1800, help="the toy world's unique-sentence limit (seed 1234)")
+    p.add_argument("--max-dialogues", type=int, default=1400,
+                   help="dialogues per toy world (unique-sentence limit ~1,800 at seed 1234, ~1,500 at seed 1235)")
     p.add_argument("--no-resume", action="store_true", help="skip the kill-and-resume checks")
     a = p.parse_args()
     sizes = sorted(set(a.sizes))
@@ -182,8 +262,10 @@ def run(a: argparse.Namespace, sizes: list[int], work: Path) -> None:
     rows: list[dict[str, Any]] = []
     data: dict[int, tuple[Path, dict[str, int]]] = {}
     for n in sizes:
-        dialogues = min(a.max_dialogues, math.ceil(n / UTTERANCES_PER_DIALOGUE))
-        data[n] = (work / f"prepared-{dialogues}", prepare_utterances(work / f"prepared-{dialogues}", dialogues))
+        dialogues = math.ceil(n / UTTERANCES_PER_DIALOGUE)
+        source = build_utterance_source(work, dialogues, a.max_dialogues)
+        prepared = work / f"prepared-{source.name}"
+        data[n] = (prepared, prepare_utterances(prepared, source))
     stage1, stage2 = build_exports(data[sizes[0]][0], work / "exports")
 
     for n in sizes:
