@@ -74,7 +74,7 @@ class Vocoder(Stage):
             val_log_samples: Validation utterances logged as audio and mel images to TensorBoard.
             export_dir: Where the ``Export`` callback writes the handoff folder at the end of fit.
             compile: ``torch.compile`` the generator and the two discriminators (``apply_compile``). The vocoder is
-                not sharded: at 14 M parameters (V1) it trains data-parallel (``trainer.strategy: ddp``).
+                not sharded (V1 has 14 M parameters); the paper recipe trains it on one GPU.
         """
         super().__init__()
         self.save_hyperparameters()
