@@ -32,6 +32,7 @@ torchtitan's order: activation-checkpoint wrapping, then compile, then ``fully_s
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +89,23 @@ def apply_fsdp(
     groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
     module.register_forward_pre_hook(_EvalGather(module, groups, reshard_after_forward), prepend=True)
     return module
+
+
+def shard_or_compile(stage: Any, module: nn.Module, blocks: Iterable[nn.Module]) -> None:
+    """What every stage's ``configure_model`` does with its network ``module`` (``blocks``: its repeated layers).
+
+    Under ``ModelParallelStrategy`` (``stage.device_mesh`` set): FSDP2 with one group per block (``apply_fsdp``) in the
+    trainer's precision, with the stage's ``activation_checkpointing`` and ``compile`` hyper-parameters. On a single
+    device: ``apply_compile`` the blocks when ``compile`` is set, else nothing.
+    """
+    h = stage.hparams
+    blocks = list(blocks)
+    if stage.device_mesh is not None:
+        apply_fsdp(module, stage.device_mesh["data_parallel"], blocks=blocks,
+                   param_dtype=fsdp_param_dtype(stage.trainer.precision),
+                   activation_checkpointing=h.activation_checkpointing, compile=h.compile)
+    elif h.compile:
+        apply_compile(blocks)
 
 
 def apply_compile(blocks: Iterable[nn.Module]) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import decoder_handoff, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import full_state_dict, shard_or_compile
 from lit_keomni.nn.speech_decoder import DurationPredictor, cumulative_round
 from lit_keomni.training import Stage
 
@@ -79,12 +79,7 @@ class DurationStage(Stage):
         self.handoff = decoder_handoff(self.hparams.llm_from, self.hparams.units_from)
         self.model = DurationPredictor(self.handoff["hidden_size"], self.model_config)
         self.model_config = self.model.config
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
-            apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.net.blocks,
-                       param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
-        elif self.hparams.compile:
-            apply_compile(self.model.net.blocks)
+        shard_or_compile(self, self.model, self.model.net.blocks)  # FSDP2 per block under ModelParallelStrategy
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         return self.model.raw(hidden, mask)

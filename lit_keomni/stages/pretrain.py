@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import lm_tokenizer, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import full_state_dict, shard_or_compile
 from lit_keomni.lm import build_lm, flops_per_token
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.training import Stage
@@ -95,12 +95,7 @@ class Pretrain(Stage):
         self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
         self.model_config = self.model.config
         self.flops_per_token = flops_per_token(self.model, self.model_config.block_size)  # for MFU
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
-            apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.blocks,
-                       param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
-        elif self.hparams.compile:
-            apply_compile(self.model.blocks)
+        shard_or_compile(self, self.model, self.model.blocks)  # FSDP2 per block under ModelParallelStrategy
 
     def forward(self, idx: Tensor, document_ids: Tensor | None = None) -> Tensor:
         return self.model(idx, document_ids=document_ids)

@@ -32,7 +32,7 @@ from lit_keomni.checkpoints import (
     write_export,
 )
 from lit_keomni.configs import SpeechTokenizerConfig, config_dict
-from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import full_state_dict, shard_or_compile
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.nn.audio import LogMel, mel_spectrogram_image
 from lit_keomni.nn.whisper import SpeechTokenizerModel
@@ -129,13 +129,7 @@ class SpeechTokenizer(L.LightningModule):
             self._load_hf_whisper(self.hparams.init_from)
         if self.hparams.vq_start > 0 and self.model.encoder.quantizer is not None:
             self.model.encoder.use_vq = False
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per encoder/decoder layer
-            apply_fsdp(self.model, self.device_mesh["data_parallel"],
-                       blocks=[*self.model.encoder.layers, *self.model.decoder.layers],
-                       param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=self.hparams.activation_checkpointing, compile=self.hparams.compile)
-        elif self.hparams.compile:
-            apply_compile([*self.model.encoder.layers, *self.model.decoder.layers])
+        shard_or_compile(self, self.model, [*self.model.encoder.layers, *self.model.decoder.layers])  # FSDP2 per block under ModelParallelStrategy
 
     def _load_hf_whisper(self, folder: str) -> None:
         hf_config, state = read_hf_folder(folder)

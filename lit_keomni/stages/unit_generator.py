@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lit_keomni.checkpoints import CONFIG_FILE, decoder_handoff, load_duration, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
-from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import full_state_dict, shard_or_compile
 from lit_keomni.nn.speech_decoder import UnitGenerator, decode_units
 from lit_keomni.training import Stage
 
@@ -90,12 +90,7 @@ class UnitGeneratorStage(Stage):
             expect = {k: self.handoff[k] for k in ("hidden_size", "llm_fingerprint", "num_units", "units_fingerprint")}
             predictor, meta = load_duration(h.duration_from, expect)
             self._durations = [predictor.requires_grad_(False), meta]
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
-            apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=self.model.net.blocks,
-                       param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=h.activation_checkpointing, compile=h.compile)
-        elif h.compile:
-            apply_compile(self.model.net.blocks)
+        shard_or_compile(self, self.model, self.model.net.blocks)  # FSDP2 per block under ModelParallelStrategy
 
     def forward(self, hidden: Tensor, durations: Tensor, mask: Tensor) -> Tensor:
         return self.model(hidden, durations, mask)
