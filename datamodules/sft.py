@@ -37,12 +37,11 @@ from lit_keomni.checkpoints import lm_tokenizer
 from lit_keomni.nn.adapter import speech_frames
 from lit_keomni.nn.keomni import llm_tokenizer
 from lit_keomni.speech_tokens import STAMP as TOKENS_STAMP, tokenize, tokens_are_current
-from lit_keomni.text.templates import DIALOGUE_MODES, Exchange, glm_dialogue, keomni_dialogue, pad_batch
+from lit_keomni.text.templates import Exchange, check_sft_options, glm_dialogue, keomni_dialogue, pad_batch
 from lit_keomni.text.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("discrete", "continuous")
 STAMP = "sft.json"
 USER_ROLES = ("user",)
 ANSWER_ROLES = ("agent", "assistant")
@@ -232,13 +231,7 @@ class SFTDataModule(StreamingDataModule):
             **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, ...).
         """
         super().__init__(**kwargs)
-        if mode not in MODES:
-            raise ValueError(f"SFTDataModule: mode must be one of {MODES}, got {mode!r}")
-        if template not in DIALOGUE_MODES:
-            raise ValueError(f"SFTDataModule: template must be one of {DIALOGUE_MODES}, got {template!r}")
-        if tokenizer and mode == "discrete":
-            raise ValueError("SFTDataModule: tokenizer is for the continuous mode; the discrete mode writes speech "
-                             "tokens and uses the stage-1 export's speech-extended tokenizer")
+        check_sft_options("SFTDataModule", mode, template, tokenizer)
         if max_length < 1 or stack < 1:
             raise ValueError(f"SFTDataModule: max_length={max_length} and stack={stack} must be >= 1")
         self.mode, self.speech_export, self.tokenizer_file = mode, speech_export, tokenizer

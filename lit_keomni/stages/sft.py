@@ -29,17 +29,16 @@ from torch import Tensor
 from lit_keomni.checkpoints import (CONFIG_FILE, WEIGHTS_FILE, load_speech_tokenizer, load_state_checked, lm_tokenizer,
                                     read_export_meta, read_hf_folder, whisper_from_hf, write_export)
 from lit_keomni.configs import SpeechTokenizerConfig, TransformerConfig, config_dict
-from lit_keomni.distributed import apply_compile, apply_fsdp, fsdp_param_dtype, full_state_dict
+from lit_keomni.distributed import full_state_dict, shard_or_compile
 from lit_keomni.eval.asr import error_rate
 from lit_keomni.lm import build_lm, flops_per_token, is_export, masked_lm_loss
 from lit_keomni.nn.adapter import SpeechAdapter
 from lit_keomni.nn.keomni import KeOmni, llm_tokenizer
 from lit_keomni.nn.whisper import SpeechEncoder
-from lit_keomni.text.templates import DIALOGUE_MODES
+from lit_keomni.text.templates import check_sft_options
 from lit_keomni.text.tokenizer import TextTokenizer
 from lit_keomni.training import Stage, gather_lists
 
-MODES = ("discrete", "continuous")
 EXPORT_KINDS = {"discrete": "speech_lm", "continuous": "keomni_lm"}
 
 
@@ -133,13 +132,7 @@ class SFT(Stage):
                 wrapping, before sharding); the first step of each new batch shape is slower.
         """
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"SFT: mode must be one of {MODES}, got {mode!r}")
-        if template not in DIALOGUE_MODES:
-            raise ValueError(f"SFT: template must be one of {DIALOGUE_MODES}, got {template!r}")
-        if tokenizer and mode == "discrete":
-            raise ValueError("SFT: tokenizer is for the continuous mode; the discrete mode needs the speech tokens of "
-                             "speech_export's tokenizer")
+        check_sft_options("SFT", mode, template, tokenizer)
         self.save_hyperparameters()
         self.model_config = TransformerConfig.from_name(config, **(overrides or {}))
         self.model: Any = None
@@ -186,12 +179,7 @@ class SFT(Stage):
                 llm.requires_grad_(False)
             self.model = KeOmni(encoder, adapter, llm, freeze_encoder=True)
             blocks = [*encoder.layers, *llm.blocks]  # stem and adapter stay in the root group
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one group per block
-            apply_fsdp(self.model, self.device_mesh["data_parallel"], blocks=blocks,
-                       param_dtype=fsdp_param_dtype(self.trainer.precision),
-                       activation_checkpointing=h.activation_checkpointing, compile=h.compile)
-        elif h.compile:
-            apply_compile(blocks)
+        shard_or_compile(self, self.model, blocks)  # FSDP2 per block under ModelParallelStrategy
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         if self.hparams.mode == "discrete":

@@ -36,6 +36,20 @@ GLM_SYSTEM_PROMPT = ("User will provide you with a speech instruction. Think abo
 KEOMNI_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer the user's spoken question briefly."
 """System prompt of the KE-Omni mode (the seed does not print one)."""
 DIALOGUE_MODES = ("direct", "text_guided")
+SFT_MODES = ("discrete", "continuous")
+
+
+def check_sft_options(owner: str, mode: str, template: str, tokenizer: str | None) -> None:
+    """The SFT options the model and its DataModule share: ``mode`` (discrete: GLM-4-Voice speech tokens; continuous:
+    KE-Omni encoder + adapter), ``template`` (discrete answers) and ``tokenizer`` (continuous mode only); errors name
+    ``owner``."""
+    if mode not in SFT_MODES:
+        raise ValueError(f"{owner}: mode must be one of {SFT_MODES}, got {mode!r}")
+    if template not in DIALOGUE_MODES:
+        raise ValueError(f"{owner}: template must be one of {DIALOGUE_MODES}, got {template!r}")
+    if tokenizer and mode == "discrete":
+        raise ValueError(f"{owner}: tokenizer is for the continuous mode; the discrete mode uses the speech tokens of "
+                         "the stage-1 export's speech-extended tokenizer")
 
 
 @dataclass
