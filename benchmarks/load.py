@@ -23,6 +23,7 @@ Offline, in ``--workdir`` (default: a temp folder, removed at the end):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -205,10 +206,8 @@ def run_measured(cmd: list[str], log: Path, kill_when: Callable[[], bool] | None
             time.sleep(0.1)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if killed:  # reap what is left of the group (litdata workers) before the next run
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return {"wall_s": time.perf_counter() - t0, "tree_mb": peak / 2**20, "max_rss_mb": usage.ru_maxrss / 1024,
             "rc": proc.returncode, "killed": killed}
 
