@@ -37,7 +37,8 @@ from lit_keomni.checkpoints import lm_tokenizer
 from lit_keomni.nn.adapter import speech_frames
 from lit_keomni.nn.keomni import llm_tokenizer
 from lit_keomni.speech_tokens import STAMP as TOKENS_STAMP, tokenize, tokens_are_current
-from lit_keomni.text.templates import Exchange, check_sft_options, glm_dialogue, keomni_dialogue, pad_batch
+from lit_keomni.text.templates import (KEOMNI_TRANSCRIBE_PROMPT, Exchange, check_sft_options, glm_dialogue,
+                                       keomni_dialogue, pad_batch)
 from lit_keomni.text.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,24 @@ def write_items(items: list[dict[str, Any]], out_dir: Path, *, chunk_bytes: str)
 class DialogueBuilder:
     """Renders one dialogue's exchanges into an SFT item, cutting it to whole exchanges that fit ``max_length``."""
 
-    def __init__(self, mode: str, tokenizer: TextTokenizer, *, template: str, max_length: int, stack: int) -> None:
+    def __init__(self, mode: str, tokenizer: TextTokenizer, *, template: str, max_length: int, stack: int,
+                 target: str = "answer") -> None:
         self.mode, self.tokenizer, self.template, self.max_length, self.stack = mode, tokenizer, template, max_length, stack
+        self.target = target
 
     def render(self, exchanges: list[Exchange]) -> tuple[list[int], list[bool]]:
         if self.mode == "discrete":
             return glm_dialogue(self.tokenizer, exchanges, self.template)
+        if self.target == "transcript":
+            return keomni_dialogue(self.tokenizer, exchanges, KEOMNI_TRANSCRIBE_PROMPT)
         return keomni_dialogue(self.tokenizer, exchanges)
+
+    def units(self, dialogue_id: str, pairs: list[tuple[dict, dict]]) -> list[tuple[str, list[tuple[dict, dict]]]]:
+        """The training sequences one dialogue gives: the whole dialogue; with ``target="transcript"`` one per user
+        turn (id ``<dialogue>.<k>``), whose answer is the user's own words."""
+        if self.target == "answer":
+            return [(dialogue_id, pairs)]
+        return [(f"{dialogue_id}.{k}", [(q, {**q, "role": "assistant"})]) for k, (q, _) in enumerate(pairs)]
 
     def __call__(self, dialogue_id: str, pairs: list[tuple[dict, dict]]) -> tuple[dict[str, Any] | None, int]:
         """(item or None when even the first exchange is too long, number of exchanges cut off)."""
@@ -148,7 +160,8 @@ class DialogueBuilder:
 
 
 def build_dialogues(source: Path, builder: DialogueBuilder) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Every dialogue of the utterance chunks at ``source`` as an SFT item (ordered by length), and the counts."""
+    """Every dialogue of the utterance chunks at ``source`` as SFT items (``DialogueBuilder.units``; ordered by
+    length), and the counts."""
     ds = StreamingDataset(str(source))
     # Every item, also when run in a distributed job: len(ds) would count this rank's share only.
     total = sum(c["chunk_size"] for c in json.loads((source / "index.json").read_text())["chunks"])
@@ -165,16 +178,17 @@ def build_dialogues(source: Path, builder: DialogueBuilder) -> tuple[list[dict[s
         if not pairs:
             stats["dropped_dialogues"] += 1
             continue
-        item, cut = builder(dialogue_id, pairs)
-        stats["dropped_exchanges"] += cut
-        if item is None:
-            stats["dropped_dialogues"] += 1
-            continue
-        stats["truncated_dialogues"] += cut > 0
-        stats["dialogues"] += 1
-        stats["exchanges"] += item["exchanges"]
-        stats["longest"] = max(stats["longest"], len(item["ids"]) - 1)
-        items.append(item)
+        for unit_id, unit in builder.units(dialogue_id, pairs):
+            item, cut = builder(unit_id, unit)
+            stats["dropped_exchanges"] += cut
+            if item is None:
+                stats["dropped_dialogues"] += 1
+                continue
+            stats["truncated_dialogues"] += cut > 0
+            stats["dialogues"] += 1
+            stats["exchanges"] += item["exchanges"]
+            stats["longest"] = max(stats["longest"], len(item["ids"]) - 1)
+            items.append(item)
     items.sort(key=lambda it: (len(it["ids"]), it["id"]))
     return items, stats
 
@@ -213,8 +227,8 @@ class SFTDataModule(StreamingDataModule):
 
     def __init__(self, mode: str = "discrete", speech_export: str = "checkpoints/stage1/export",
                  tokenizer: str | None = None, tokens_dir: str = "data/tokens", sft_dir: str = "data/sft",
-                 template: str = "text_guided", max_length: int = 640, stack: int = 5, tokenize_workers: int = 1,
-                 **kwargs: Any) -> None:
+                 template: str = "text_guided", max_length: int = 640, stack: int = 5, target: str = "answer",
+                 tokenize_workers: int = 1, **kwargs: Any) -> None:
         """
         Args:
             mode: "discrete" (speech tokens in and out, GLM-4-Voice templates) or "continuous" (KE-Omni: user audio
@@ -227,16 +241,20 @@ class SFTDataModule(StreamingDataModule):
             template: Discrete mode: "text_guided" (text answer, then its speech) or "direct" (speech answer only).
             max_length: Longest training sequence in tokens (model input positions); at most the LM's block_size.
             stack: Continuous mode: the adapter's frame stacking (KE-Omni: 5, 50 Hz -> 10 Hz); must be the model's.
+            target: Continuous mode: "answer" (the dialogue, SFT) or "transcript" (adapter alignment: one sequence
+                per user turn, the answer being that turn's own text, under ``KEOMNI_TRANSCRIBE_PROMPT``; chunks
+                under ``sft_dir/continuous_transcript``).
             tokenize_workers: Processes for a ``tokenize`` run.
             **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, ...).
         """
         super().__init__(**kwargs)
-        check_sft_options("SFTDataModule", mode, template, tokenizer)
+        check_sft_options("SFTDataModule", mode, template, tokenizer, target)
         if max_length < 1 or stack < 1:
             raise ValueError(f"SFTDataModule: max_length={max_length} and stack={stack} must be >= 1")
         self.mode, self.speech_export, self.tokenizer_file = mode, speech_export, tokenizer
         self.tokens_dir, self.sft_dir, self.template = tokens_dir, sft_dir, template
         self.max_length, self.stack, self.tokenize_workers = max_length, stack, tokenize_workers
+        self.target = target
         self.collate = discrete_collate if mode == "discrete" else continuous_collate
         self._tokenizer: TextTokenizer | None = None
 
@@ -247,7 +265,7 @@ class SFTDataModule(StreamingDataModule):
         return self._tokenizer
 
     def chunks_root(self) -> str:
-        return str(Path(self.sft_dir) / self.mode)
+        return str(Path(self.sft_dir) / (self.mode if self.target == "answer" else f"{self.mode}_{self.target}"))
 
     def _source(self) -> Path:
         return Path(self.tokens_dir if self.mode == "discrete" else self.data_dir)
@@ -257,6 +275,7 @@ class SFTDataModule(StreamingDataModule):
         source = self._source() / (TOKENS_STAMP if self.mode == "discrete" else "prepared.json")
         return {"mode": self.mode, "template": self.template if self.mode == "discrete" else None,
                 "max_length": self.max_length, "stack": self.stack if self.mode == "continuous" else None,
+                "target": self.target,
                 "tokenizer": vocabulary_digest(self.tokenizer),
                 "source": hashlib.sha256(source.read_bytes()).hexdigest()}
 
@@ -271,7 +290,7 @@ class SFTDataModule(StreamingDataModule):
             return
         stamp.unlink(missing_ok=True)
         builder = DialogueBuilder(self.mode, self.tokenizer, template=self.template, max_length=self.max_length,
-                                  stack=self.stack)
+                                  stack=self.stack, target=self.target)
         counts = {}
         for split in SPLITS:
             items, counts[split] = build_dialogues(chunks_dir(self._source(), split), builder)

@@ -2,6 +2,7 @@
 the frozen encoder, export round trips, exact resume, paper recipes."""
 
 import json
+import shutil
 import sys
 import unicodedata
 from pathlib import Path
@@ -20,7 +21,8 @@ from lit_keomni.nn.keomni import KeOmni
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.stages.sft import SFT, load_speech_encoder
-from lit_keomni.text.templates import ASSISTANT, speech_string
+from lit_keomni.text.templates import (ASSISTANT, KEOMNI_SYSTEM_PROMPT, KEOMNI_TRANSCRIBE_PROMPT,
+                                       speech_string)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "intermediate_size": 172, "block_size": 512}
@@ -50,12 +52,12 @@ def data_module(mode, prepared, stage1_export, work, **kw):
     return SFTDataModule(mode=mode, **{**args, **kw})
 
 
-def make(mode, prepared, stage1_export, work, tmp_path, max_steps, callbacks, **kw):
+def make(mode, prepared, stage1_export, work, tmp_path, max_steps, callbacks, data_kw=None, **kw):
     L.seed_everything(5)
     args = {"init_from": None, "speech_export": str(stage1_export), "encoder_from": str(stage1_export),
             "warmup_steps": 2, "lr": 3e-3, "max_answer_tokens": 8, "export_dir": str(tmp_path / "export"), **kw}
     model = SFT(mode=mode, config="tiny", overrides=TINY_LM, **args)
-    data = data_module(mode, prepared, stage1_export, work)
+    data = data_module(mode, prepared, stage1_export, work, **(data_kw or {}))
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
                         val_check_interval=max_steps, check_val_every_n_epoch=None, callbacks=callbacks,
@@ -201,6 +203,38 @@ def test_continuous_loss_mask_is_assistant_only(prepared, stage1_export, work):
     assert not ((batch["target"] != -100) & torch.nn.functional.pad(batch["speech_mask"][:, 1:], (0, 1))).any()
 
 
+def test_transcript_target_is_one_sequence_per_user_turn(prepared, stage1_export, work):
+    from litdata import StreamingDataset
+
+    dm = data_module("continuous", prepared, stage1_export, work, target="transcript")
+    dm.prepare_data()
+    dm.setup()
+    tok = dm.tokenizer
+    ds = StreamingDataset(str(prepared / "chunks" / "train"))
+    turns = [ds[i] for i in range(len(ds))]
+    by_dialogue = {}
+    for t in turns:
+        by_dialogue.setdefault(t["dialogue_id"], []).append(t)
+    users = {q["text"] for d in by_dialogue.values() for q, _ in group_exchanges(d)[0]}
+    counts = json.loads((work / "sft" / "continuous_transcript" / "sft.json").read_text())["counts"]["train"]
+    assert counts["dialogues"] == counts["exchanges"] == len(users)  # one sequence per answered user turn
+    seen = set()
+    for batch in dm.train_dataloader():
+        for row, answers in enumerate(batch["answers"]):
+            assert len(answers) == 1 and answers[0] in users
+            seen.add(answers[0])
+            runs = [tok.decode(r, skip_special=False) for r in trained_runs(batch["target"][row])]
+            assert runs == [f"{nfkc(answers[0])}<|eos|>"]
+            prompt = tok.decode(batch["input"][row].tolist(), skip_special=False)
+            assert KEOMNI_TRANSCRIBE_PROMPT in prompt and KEOMNI_SYSTEM_PROMPT not in prompt
+            assert int(batch["speech_mask"][row].sum()) == speech_frames(int(batch["audio_lengths"][row]), 5)
+    assert len(seen) >= len(users) - 3  # all but the last incomplete batch (drop_last)
+    with pytest.raises(ValueError, match="target='transcript' is for the continuous mode"):
+        data_module("discrete", prepared, stage1_export, work, target="transcript")
+    with pytest.raises(ValueError, match="target must be one of"):
+        SFT(mode="continuous", target="summary")
+
+
 def test_too_long_dialogues_are_cut_to_whole_exchanges(prepared, stage1_export, tmp_path):
     dm = data_module("continuous", prepared, stage1_export, tmp_path, max_length=115)
     dm.prepare_data()
@@ -298,6 +332,43 @@ def test_starts_from_a_speech_lm_export(stage1_export, tmp_path):
         assert model.llm.config.block_size == 300 and model.speech_meta == speech
         for k, v in lm.state_dict().items():
             assert torch.equal(model.llm.state_dict()[k], v), k
+
+
+def test_alignment_then_sft_continues_from_the_keomni_export(prepared, stage1_export, work, tmp_path):
+    """Adapter alignment (LLM frozen, transcript target) exports; SFT starts from its LLM and adapter."""
+    model, data, trainer = make("continuous", prepared, stage1_export, work, tmp_path / "align", 4, [Export()],
+                                data_kw={"target": "transcript"}, freeze_llm=True, target="transcript")
+    model.configure_model()
+    llm0 = {k: v.clone() for k, v in model.model.llm.state_dict().items()}
+    adapter0 = {k: v.clone() for k, v in model.model.adapter.state_dict().items()}
+    trainer.fit(model, data)
+    assert all(torch.equal(v, llm0[k]) for k, v in model.model.llm.state_dict().items())
+    assert all(not torch.equal(v, adapter0[k]) for k, v in model.model.adapter.state_dict().items())
+    assert "val/answer_cer" in trainer.callback_metrics
+    export = tmp_path / "align" / "export"
+    assert load_keomni(export)[2]["target"] == "transcript"
+
+    sft = SFT(mode="continuous", init_from=str(export), speech_export=str(stage1_export),
+              encoder_from=str(stage1_export), overrides={**TINY_LM, "block_size": 300})
+    sft.configure_model()
+    assert sft.llm.config.block_size == 300
+    for part in ("adapter", "llm"):
+        ours = getattr(sft.model, part).state_dict()
+        for k, v in getattr(model.model, part).state_dict().items():
+            assert torch.equal(ours[k], v), (part, k)
+    assert all(p.requires_grad for p in sft.model.adapter.parameters()) and sft.model.llm.training
+
+    other = tmp_path / "other_encoder"
+    shutil.copytree(stage1_export, other)
+    with pytest.raises(ValueError, match=r"config.json: field 'encoder_from' is .* trained on another encoder"):
+        SFT(mode="continuous", init_from=str(export), speech_export=str(stage1_export),
+            encoder_from=str(other), overrides=TINY_LM).configure_model()
+    with pytest.raises(ValueError, match="the adapter stacks 5 frames, but model.stack is 4"):
+        SFT(mode="continuous", init_from=str(export), speech_export=str(stage1_export),
+            encoder_from=str(stage1_export), overrides=TINY_LM, stack=4).configure_model()
+    model, _, trainer = make("continuous", prepared, stage1_export, work, tmp_path / "mismatch", 1, [])
+    with pytest.raises(ValueError, match="data.target is 'transcript' but model.target is 'answer'"):
+        trainer.fit(model, data_module("continuous", prepared, stage1_export, work, target="transcript"))
 
 
 def test_data_and_model_must_agree(prepared, stage1_export, work, tmp_path):

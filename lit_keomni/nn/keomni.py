@@ -26,7 +26,7 @@ from lit_keomni.nn.adapter import SpeechAdapter, speech_frames
 from lit_keomni.nn.audio import LogMel
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.nn.whisper import SpeechEncoder, lengths_to_mask
-from lit_keomni.text.templates import Exchange, keomni_dialogue
+from lit_keomni.text.templates import KEOMNI_SYSTEM_PROMPT, Exchange, keomni_dialogue
 from lit_keomni.text.tokenizer import PAD, ROLE_TOKENS, TextTokenizer
 
 
@@ -143,10 +143,12 @@ class KeOmni(nn.Module):
 
     @torch.no_grad()
     def respond(self, tokenizer: TextTokenizer, wavs: Sequence[Tensor], *, max_new_tokens: int = 128,
-                history: Sequence[Sequence[tuple[Tensor, str]]] | None = None) -> list[str]:
+                history: Sequence[Sequence[tuple[Tensor, str]]] | None = None,
+                system_prompt: str = KEOMNI_SYSTEM_PROMPT) -> list[str]:
         """Greedy text answers to spoken questions ``wavs`` (mono float, 16 kHz), one batch with the KV cache.
 
         ``history``: for each question, the earlier exchanges of its dialogue as (user speech, assistant answer text).
+        ``system_prompt``: ``text.templates.KEOMNI_TRANSCRIBE_PROMPT`` asks an aligned adapter's model for the words.
         """
         from lit_keomni.generate import generate
 
@@ -161,7 +163,7 @@ class KeOmni(nn.Module):
                 if ex.user_frames < 1:
                     raise ValueError(f"KeOmni.respond: question {i}, turn {k}: audio shorter than one adapter frame "
                                      f"({self.stack} encoder frames = {self.stack * 20} ms)")
-            prompts.append(keomni_dialogue(tokenizer, exchanges)[0])
+            prompts.append(keomni_dialogue(tokenizer, exchanges, system_prompt)[0])
             turns += [w for w, _ in past] + [wav]
         room = self.llm.config.block_size - max(len(p) for p in prompts)
         if room < 1:

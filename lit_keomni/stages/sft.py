@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_keomni.checkpoints import (CONFIG_FILE, WEIGHTS_FILE, load_speech_tokenizer, load_state_checked, lm_tokenizer,
+from lit_keomni.checkpoints import (CONFIG_FILE, WEIGHTS_FILE, export_kind, load_speech_tokenizer, load_state_checked, lm_tokenizer,
                                     read_export_meta, read_hf_folder, whisper_from_hf, write_export)
 from lit_keomni.configs import SpeechTokenizerConfig, TransformerConfig, config_dict
 from lit_keomni.distributed import full_state_dict, shard_or_compile
@@ -35,7 +35,7 @@ from lit_keomni.lm import build_lm, flops_per_token, is_export, masked_lm_loss
 from lit_keomni.nn.adapter import SpeechAdapter
 from lit_keomni.nn.keomni import KeOmni, llm_tokenizer
 from lit_keomni.nn.whisper import SpeechEncoder
-from lit_keomni.text.templates import check_sft_options
+from lit_keomni.text.templates import KEOMNI_SYSTEM_PROMPT, KEOMNI_TRANSCRIBE_PROMPT, check_sft_options
 from lit_keomni.text.tokenizer import TextTokenizer
 from lit_keomni.training import Stage, gather_lists
 
@@ -88,6 +88,7 @@ class SFT(Stage):
         encoder_from: str = "checkpoints/stage1/export",
         tokenizer: str | None = None,
         freeze_llm: bool = False,
+        target: str = "answer",
         stack: int = 5,
         adapter_hidden: int | None = None,
         lr: float = 5e-5,
@@ -108,7 +109,9 @@ class SFT(Stage):
                 LM export brings its own sizes (only ``block_size`` is taken from here).
             overrides: Field overrides of the preset, e.g. ``{n_layer: 4, n_embd: 256, block_size: 640}``.
             init_from: The LLM to start from: the stage-3 export (kind speech_lm), a local Hugging Face Llama folder,
-                or null for a random LLM (tests, timing).
+                or null for a random LLM (tests, timing). Continuous mode also takes a KE-Omni export (kind
+                keomni_lm, e.g. the alignment run's): its LLM and its adapter, which must have been trained on
+                ``encoder_from``.
             speech_export: Stage-1 export: the speech tokens' codebook and the speech-extended tokenizer (used when
                 ``init_from`` is not an LM export, which brings its own tokenizer).
             template: Discrete mode: "text_guided" or "direct" (seed 003 Appendix F).
@@ -117,6 +120,9 @@ class SFT(Stage):
             tokenizer: Continuous mode with a Hugging Face LLM: its tokenizer.json (role tokens are added); None =
                 the speech-extended tokenizer of ``speech_export``. The data module must name the same.
             freeze_llm: Continuous mode: train only the adapter.
+            target: Continuous mode: "answer" (SFT) or "transcript" (adapter alignment: the model writes the user's
+                own words under ``KEOMNI_TRANSCRIBE_PROMPT``; ``val/answer_cer`` is then the ASR CER). The data
+                module must have the same target.
             stack: Continuous mode: encoder frames per adapter frame (KE-Omni: 5, 50 Hz -> 10 Hz).
             adapter_hidden: Width of the adapter's hidden layer; None = the LLM's width.
             lr: Peak learning rate (GLM-4-Voice SFT: 5e-5; KE-Omni: 1e-4).
@@ -132,7 +138,7 @@ class SFT(Stage):
                 wrapping, before sharding); the first step of each new batch shape is slower.
         """
         super().__init__()
-        check_sft_options("SFT", mode, template, tokenizer)
+        check_sft_options("SFT", mode, template, tokenizer, target)
         self.save_hyperparameters()
         self.model_config = TransformerConfig.from_name(config, **(overrides or {}))
         self.model: Any = None
@@ -167,19 +173,48 @@ class SFT(Stage):
             return
         h = self.hparams
         self.text_tokenizer, self.speech_meta = self._tokenizer()
-        llm = build_lm(self.model_config, self.text_tokenizer.vocab_size, h.init_from)
+        aligned = h.mode == "continuous" and bool(h.init_from) and export_kind(h.init_from) == "keomni_lm"
+        if aligned:
+            llm, adapter = self._from_keomni(h.init_from)
+        else:
+            llm = build_lm(self.model_config, self.text_tokenizer.vocab_size, h.init_from)
         self.model_config = llm.config
         self.flops_per_token = flops_per_token(llm)  # for MFU
         if h.mode == "discrete":
             self.model, blocks = llm, list(llm.blocks)
         else:
             encoder = load_speech_encoder(h.encoder_from)
-            adapter = SpeechAdapter(encoder.config.d_model, llm.config.n_embd, h.stack, h.adapter_hidden)
+            if not aligned:
+                adapter = SpeechAdapter(encoder.config.d_model, llm.config.n_embd, h.stack, h.adapter_hidden)
             if h.freeze_llm:
                 llm.requires_grad_(False)
             self.model = KeOmni(encoder, adapter, llm, freeze_encoder=True)
             blocks = [*encoder.layers, *llm.blocks]  # stem and adapter stay in the root group
         shard_or_compile(self, self.model, blocks)  # FSDP2 per block under ModelParallelStrategy
+
+    def _from_keomni(self, path: str) -> tuple[Any, SpeechAdapter]:
+        """The LLM (with this recipe's block_size) and the adapter of a KE-Omni export, checked against this run's
+        encoder and stacking."""
+        from lit_keomni.checkpoints import load_keomni
+
+        h = self.hparams
+        model, _, meta = load_keomni(path)
+        where = Path(path) / CONFIG_FILE
+        ours = str(Path(h.encoder_from).resolve())
+        if meta.get("encoder_from") != ours:
+            raise ValueError(f"{where}: field 'encoder_from' is {meta.get('encoder_from')!r}, but model.encoder_from "
+                             f"is {ours!r}: its adapter was trained on another encoder")
+        if model.stack != h.stack:
+            raise ValueError(f"{where}: the adapter stacks {model.stack} frames, but model.stack is {h.stack}")
+        if h.adapter_hidden is not None and model.adapter.hidden != h.adapter_hidden:
+            raise ValueError(f"{where}: the adapter's hidden width is {model.adapter.hidden}, but "
+                             f"model.adapter_hidden is {h.adapter_hidden}")
+        llm = model.llm
+        if llm.config.block_size != self.model_config.block_size:
+            resized = type(llm)(llm.config.replace(block_size=self.model_config.block_size))
+            resized.load_state_dict(llm.state_dict())
+            llm = resized
+        return llm.train(), model.adapter.train()
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         if self.hparams.mode == "discrete":
@@ -197,6 +232,8 @@ class SFT(Stage):
             raise ValueError(f"data.mode is {dm.mode!r} but model.mode is {h.mode!r}")
         if h.mode == "continuous" and dm.stack != h.stack:
             raise ValueError(f"data.stack is {dm.stack} but model.stack is {h.stack}: speech slots would not match frames")
+        if getattr(dm, "target", "answer") != h.target:
+            raise ValueError(f"data.target is {dm.target!r} but model.target is {h.target!r}")
         ours = self.text_tokenizer.backend.get_vocab(with_added_tokens=True)
         if dm.tokenizer.backend.get_vocab(with_added_tokens=True) != ours:
             raise ValueError(f"the data's tokenizer (data.speech_export={dm.speech_export!r}, data.tokenizer="
@@ -234,8 +271,9 @@ class SFT(Stage):
             turns = [w for w, row in zip(wavs, rows) if row == r]
             questions.append(turns[-1])
             histories.append(list(zip(turns[:-1], answers[:-1])))
+        prompt = KEOMNI_TRANSCRIBE_PROMPT if self.hparams.target == "transcript" else KEOMNI_SYSTEM_PROMPT
         hyps = self.model.respond(self.text_tokenizer, questions, history=histories,
-                                  max_new_tokens=self.hparams.max_answer_tokens)
+                                  max_new_tokens=self.hparams.max_answer_tokens, system_prompt=prompt)
         return hyps, [a[-1] for a in batch["answers"]]
 
     def on_validation_epoch_end(self) -> None:
@@ -259,7 +297,7 @@ class SFT(Stage):
             return write_export(out_dir, kind=EXPORT_KINDS["discrete"], config=config_dict(self.model_config),
                                 state_dict=state, files=files,
                                 extra={"stage": "sft", "template": h.template, "speech_tokenizer": self.speech_meta})
-        extra = {"stage": "sft", "encoder_from": str(Path(h.encoder_from).resolve()),
+        extra = {"stage": "sft", "target": h.target, "encoder_from": str(Path(h.encoder_from).resolve()),
                  "init_from": str(Path(h.init_from).resolve()) if h.init_from else None}
         if self.speech_meta:
             extra["speech_tokenizer"] = self.speech_meta

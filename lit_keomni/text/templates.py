@@ -35,16 +35,24 @@ GLM_SYSTEM_PROMPT = ("User will provide you with a speech instruction. Think abo
 """System prompt of GLM-4-Voice's spoken-dialogue templates (seed 003, Appendix F)."""
 KEOMNI_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer the user's spoken question briefly."
 """System prompt of the KE-Omni mode (the seed does not print one)."""
+KEOMNI_TRANSCRIBE_PROMPT = "You are a speech recogniser. Write down exactly what the user says."
+"""System prompt of the KE-Omni alignment task (``SFTDataModule(target="transcript")``): the answer is the user's own
+words, so the adapter learns to carry them into the LLM before the LLM learns to answer."""
+SFT_TARGETS = ("answer", "transcript")
 DIALOGUE_MODES = ("direct", "text_guided")
 SFT_MODES = ("discrete", "continuous")
 
 
-def check_sft_options(owner: str, mode: str, template: str, tokenizer: str | None) -> None:
+def check_sft_options(owner: str, mode: str, template: str, tokenizer: str | None, target: str = "answer") -> None:
     """The SFT options the model and its DataModule share: ``mode`` (discrete: GLM-4-Voice speech tokens; continuous:
-    KE-Omni encoder + adapter), ``template`` (discrete answers) and ``tokenizer`` (continuous mode only); errors name
-    ``owner``."""
+    KE-Omni encoder + adapter), ``template`` (discrete answers), ``tokenizer`` and ``target`` (continuous mode only);
+    errors name ``owner``."""
     if mode not in SFT_MODES:
         raise ValueError(f"{owner}: mode must be one of {SFT_MODES}, got {mode!r}")
+    if target not in SFT_TARGETS:
+        raise ValueError(f"{owner}: target must be one of {SFT_TARGETS}, got {target!r}")
+    if target != "answer" and mode == "discrete":
+        raise ValueError(f"{owner}: target={target!r} is for the continuous mode (adapter alignment)")
     if template not in DIALOGUE_MODES:
         raise ValueError(f"{owner}: template must be one of {DIALOGUE_MODES}, got {template!r}")
     if tokenizer and mode == "discrete":
