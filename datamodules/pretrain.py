@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from litdata import StreamingDataLoader, StreamingDataset
 
-from datamodules.streaming import SPLITS, ResumableLoader, StreamingDataModule, chunks_dir, split_of, write_items
+from datamodules.streaming import (SPLITS, Mixture, ResumableLoader, StreamingDataModule, chunks_dir, split_of,
+                                   write_items)
 from lit_keomni.atomic import write_json
 from lit_keomni.checkpoints import export_fingerprint, lm_tokenizer
 from lit_keomni.interleave import read_documents
@@ -212,32 +213,6 @@ def pack_source(source: str, items: Iterable[dict[str, Any]], tokenizer: TextTok
 
 
 # ---------------------------------------------------------------------------------------------------- module
-
-
-class Mixture(CombinedStreamingDataset):
-    """``CombinedStreamingDataset`` drawing rows of its sources by weight until one runs out, with two changes:
-
-    - a new draw sequence every epoch (litdata seeds the source choices alike each epoch, so every epoch would take
-      the same rows from each source and end at the same point);
-    - a length: the expected rows of an epoch, ``min(rows of a source / its weight)``. Lightning pre-fetches one batch
-      from loaders without a length, and that batch is then counted in the loader state saved in checkpoints, so a
-      resumed run would skip it. An epoch still ends when a source runs out, or after this many rows.
-    """
-
-    def __init__(self, datasets: list[StreamingDataset], weights: Sequence[float], seed: int) -> None:
-        super().__init__(datasets, seed=seed, weights=weights, iterate_over_all=False)
-        self._base_seed = seed
-
-    def set_epoch(self, current_epoch: int) -> None:
-        super().set_epoch(current_epoch)
-        self._seed = self._base_seed + current_epoch  # called before each epoch's iterator, also after a resume
-
-    def get_len(self, num_workers: int, batch_size: int) -> int:
-        super().get_len(num_workers, batch_size)
-        return int(min(d.get_len(num_workers, batch_size) / w for d, w in zip(self._datasets, self._weights) if w))
-
-    def __len__(self) -> int:
-        return self.get_len(self.num_workers, self.batch_size)
 
 
 class PretrainDataModule(StreamingDataModule):

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from litdata import StreamingDataset
+from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.writer import BinaryWriter
 from litdata.utilities.env import _DistributedEnv
 
-from datamodules.streaming import SPLITS, StreamingDataModule, chunks_dir
+from datamodules.streaming import SPLITS, Mixture, ResumableLoader, StreamingDataModule, chunks_dir
 from datamodules.tokenizer import asr_example
 from lit_keomni.atomic import staged_dir, write_json
 from lit_keomni.checkpoints import lm_tokenizer
@@ -228,7 +228,7 @@ class SFTDataModule(StreamingDataModule):
     def __init__(self, mode: str = "discrete", speech_export: str = "checkpoints/stage1/export",
                  tokenizer: str | None = None, tokens_dir: str = "data/tokens", sft_dir: str = "data/sft",
                  template: str = "text_guided", max_length: int = 640, stack: int = 5, target: str = "answer",
-                 tokenize_workers: int = 1, **kwargs: Any) -> None:
+                 transcript_fraction: float = 0.0, tokenize_workers: int = 1, **kwargs: Any) -> None:
         """
         Args:
             mode: "discrete" (speech tokens in and out, GLM-4-Voice templates) or "continuous" (KE-Omni: user audio
@@ -244,6 +244,9 @@ class SFTDataModule(StreamingDataModule):
             target: Continuous mode: "answer" (the dialogue, SFT) or "transcript" (adapter alignment: one sequence
                 per user turn, the answer being that turn's own text, under ``KEOMNI_TRANSCRIBE_PROMPT``; chunks
                 under ``sft_dir/continuous_transcript``).
+            transcript_fraction: Continuous mode, target "answer": this share of the training sequences are
+                transcript sequences (both sets are built), so the adapter keeps carrying the words while the LLM
+                learns to answer; validation stays on the dialogues.
             tokenize_workers: Processes for a ``tokenize`` run.
             **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, ...).
         """
@@ -254,7 +257,12 @@ class SFTDataModule(StreamingDataModule):
         self.mode, self.speech_export, self.tokenizer_file = mode, speech_export, tokenizer
         self.tokens_dir, self.sft_dir, self.template = tokens_dir, sft_dir, template
         self.max_length, self.stack, self.tokenize_workers = max_length, stack, tokenize_workers
-        self.target = target
+        if transcript_fraction and (mode, target) != ("continuous", "answer"):
+            raise ValueError(f"SFTDataModule: transcript_fraction mixes transcripts into continuous-mode answers; "
+                             f"got mode={mode!r}, target={target!r}")
+        if not 0.0 <= transcript_fraction < 1.0:
+            raise ValueError(f"SFTDataModule: transcript_fraction={transcript_fraction} must be in [0, 1)")
+        self.target, self.transcript_fraction = target, transcript_fraction
         self.collate = discrete_collate if mode == "discrete" else continuous_collate
         self._tokenizer: TextTokenizer | None = None
 
@@ -264,18 +272,19 @@ class SFTDataModule(StreamingDataModule):
             self._tokenizer = sft_tokenizer(self.speech_export, self.tokenizer_file)
         return self._tokenizer
 
-    def chunks_root(self) -> str:
-        return str(Path(self.sft_dir) / (self.mode if self.target == "answer" else f"{self.mode}_{self.target}"))
+    def chunks_root(self, target: str | None = None) -> str:
+        target = target or self.target
+        return str(Path(self.sft_dir) / (self.mode if target == "answer" else f"{self.mode}_{target}"))
 
     def _source(self) -> Path:
         return Path(self.tokens_dir if self.mode == "discrete" else self.data_dir)
 
-    def settings(self) -> dict[str, Any]:
-        """What the built chunks depend on; a stamp with other settings means rebuild."""
+    def settings(self, target: str | None = None) -> dict[str, Any]:
+        """What the built chunks (of ``target``, default this module's) depend on; other settings mean rebuild."""
         source = self._source() / (TOKENS_STAMP if self.mode == "discrete" else "prepared.json")
         return {"mode": self.mode, "template": self.template if self.mode == "discrete" else None,
                 "max_length": self.max_length, "stack": self.stack if self.mode == "continuous" else None,
-                "target": self.target,
+                "target": target or self.target,
                 "tokenizer": vocabulary_digest(self.tokenizer),
                 "source": hashlib.sha256(source.read_bytes()).hexdigest()}
 
@@ -283,14 +292,19 @@ class SFTDataModule(StreamingDataModule):
         super().build_missing()
         if self.mode == "discrete" and not tokens_are_current(self.tokens_dir, self.speech_export):
             tokenize(self.speech_export, self.data_dir, self.tokens_dir, workers=self.tokenize_workers)
-        out = Path(self.chunks_root())
-        settings = self.settings()
+        for target in dict.fromkeys([self.target] + (["transcript"] if self.transcript_fraction else [])):
+            self._build(target)
+
+    def _build(self, target: str) -> None:
+        """Write the chunks of ``target`` unless their stamp shows they are current."""
+        out = Path(self.chunks_root(target))
+        settings = self.settings(target)
         stamp = out / STAMP
         if stamp.is_file() and {k: v for k, v in json.loads(stamp.read_text()).items() if k != "counts"} == settings:
             return
         stamp.unlink(missing_ok=True)
         builder = DialogueBuilder(self.mode, self.tokenizer, template=self.template, max_length=self.max_length,
-                                  stack=self.stack, target=self.target)
+                                  stack=self.stack, target=target)
         counts = {}
         for split in SPLITS:
             items, counts[split] = build_dialogues(chunks_dir(self._source(), split), builder)
@@ -304,3 +318,19 @@ class SFTDataModule(StreamingDataModule):
                             self.max_length, c["dropped_exchanges"], c["dropped_dialogues"], c["unpaired_turns"], stamp)
             write_items(items, chunks_dir(out, split), chunk_bytes="256KB" if self.mode == "discrete" else "4MB")
         write_json(stamp, {**settings, "counts": counts})
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.transcript_fraction and "transcript" not in self.datasets:
+            path = chunks_dir(self.chunks_root("transcript"), "train")
+            self.datasets["transcript"] = StreamingDataset(str(path), shuffle=True, seed=self.seed)
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        """The dialogues; with ``transcript_fraction``, mixed with that share of transcript sequences (``Mixture``: an
+        epoch ends when either source runs out)."""
+        if not self.transcript_fraction:
+            return super().train_dataloader()
+        f = self.transcript_fraction
+        mixture = Mixture([self.datasets["train"], self.datasets["transcript"]], [1.0 - f, f], self.seed)
+        return ResumableLoader(mixture, batch_size=self.batch_size, num_workers=self.num_workers,
+                               collate_fn=self.collate, drop_last=True)

@@ -235,6 +235,27 @@ def test_transcript_target_is_one_sequence_per_user_turn(prepared, stage1_export
         SFT(mode="continuous", target="summary")
 
 
+def test_transcript_fraction_mixes_transcripts_into_the_dialogues(prepared, stage1_export, work):
+    dm = data_module("continuous", prepared, stage1_export, work, transcript_fraction=0.5)
+    dm.prepare_data()
+    dm.setup()
+    tok = dm.tokenizer
+    kinds = []
+    for batch in dm.train_dataloader():
+        for row in range(batch["input"].shape[0]):
+            prompt = tok.decode(batch["input"][row].tolist(), skip_special=False)
+            kinds.append(KEOMNI_TRANSCRIBE_PROMPT in prompt)
+            assert (KEOMNI_SYSTEM_PROMPT in prompt) != kinds[-1]
+    share = sum(kinds) / len(kinds)
+    assert len(kinds) >= 8 and 0.2 <= share <= 0.8, (len(kinds), share)
+    val = next(iter(dm.val_dataloader()))  # validation stays on the dialogues
+    assert all(KEOMNI_SYSTEM_PROMPT in tok.decode(r.tolist(), skip_special=False) for r in val["input"])
+    with pytest.raises(ValueError, match="transcript_fraction=1.0 must be in"):
+        data_module("continuous", prepared, stage1_export, work, transcript_fraction=1.0)
+    with pytest.raises(ValueError, match="transcript_fraction mixes transcripts into continuous-mode answers"):
+        data_module("discrete", prepared, stage1_export, work, transcript_fraction=0.2)
+
+
 def test_too_long_dialogues_are_cut_to_whole_exchanges(prepared, stage1_export, tmp_path):
     dm = data_module("continuous", prepared, stage1_export, tmp_path, max_length=115)
     dm.prepare_data()
@@ -443,10 +464,15 @@ def test_paper_recipes(name, mode, global_batch, lr, min_ratio, epochs, capsys, 
         assert m["config"] == "llama-3.1-8b" and m["stack"] == d["stack"] == 5 and m["tokenizer"] == d["tokenizer"]
 
 
-@pytest.mark.parametrize("name", ["stage4", "stage4_keomni"])
-def test_cpu_recipes_chain_the_stages(name, capsys, monkeypatch):
+@pytest.mark.parametrize("name, init_from, encoder_from, target", [
+    ("stage4", "checkpoints/stage3/export", None, "answer"),
+    ("stage4_keomni_align", "checkpoints/stage3/export", "checkpoints/asr/export", "transcript"),
+    ("stage4_keomni", "checkpoints/stage4_keomni_align/export", "checkpoints/asr/export", "answer")])
+def test_cpu_recipes_chain_the_stages(name, init_from, encoder_from, target, capsys, monkeypatch):
     cfg = printed(ROOT / "recipes" / f"{name}.yaml", capsys, monkeypatch)
     m, d = cfg["model"]["init_args"], cfg["data"]["init_args"]
-    assert m["init_from"] == "checkpoints/stage3/export" and m["mode"] == d["mode"]
+    assert m["init_from"] == init_from and m["mode"] == d["mode"] and m["target"] == d["target"] == target
     assert m["export_dir"] == f"checkpoints/{name}/export" and cfg["trainer"]["default_root_dir"] == f"checkpoints/{name}"
     assert d["max_length"] <= TransformerConfig.from_name(m["config"], **m["overrides"]).block_size
+    if encoder_from:
+        assert m["encoder_from"] == encoder_from and not m["freeze_llm"]
