@@ -147,7 +147,7 @@ def build_features(llm_from: str, units_from: str, data_dir: str, tokens_dir: st
     settings = feature_settings(llm_from, units_from, data_dir, tokens_dir, speaker)
     (out_dir / STAMP).unlink(missing_ok=True)
     torch.manual_seed(0)
-    model, tokenizer, _ = load_keomni(llm_from)
+    model, tokenizer, _ = load_keomni(llm_from, answers=True)
     counts, splits = {}, {}
     for split in SPLITS:
         items, counts[split] = build_split(model, tokenizer, chunks_dir(data_dir, split),

@@ -7,7 +7,10 @@ dialogue covers all its exchanges, history first; the loss is on every assistant
   tokens (``tokenize`` of the stage-1 export, run if missing) and ``template`` "text_guided" or "direct".
 - ``continuous`` (KE-Omni, seed 000 §4): ``keomni_dialogue``; each user turn is stored as 16 kHz audio and takes
   ``nn.adapter.speech_frames(samples, stack)`` ``<|pad|>`` slots, exactly the frames the encoder + adapter produce.
-
+- ``target="transcript"`` (continuous; adapter alignment): one sequence per answered user turn whose answer is the
+  user's own words, under ``KEOMNI_TRANSCRIBE_PROMPT``, in ``sft_dir/continuous_transcript``. ``transcript_fraction``
+  mixes that share of such sequences into the dialogues' training batches (``Mixture``; mixed batches are no longer
+  grouped by length); validation stays on the dialogues.
 ``build_missing`` writes the dialogue-level chunks to ``sft_dir/<mode>/chunks/{train,val}`` (val = the dialogues of
 the val split), in this process (the items are small and already in memory), with a ``sft.json`` stamp of the
 settings and counts; they are rebuilt when the settings, the tokenizer or the source data change. A dialogue longer than ``max_length`` is cut to its longest prefix of whole exchanges that
@@ -281,12 +284,13 @@ class SFTDataModule(StreamingDataModule):
 
     def settings(self, target: str | None = None) -> dict[str, Any]:
         """What the built chunks (of ``target``, default this module's) depend on; other settings mean rebuild."""
+        target = target or self.target
         source = self._source() / (TOKENS_STAMP if self.mode == "discrete" else "prepared.json")
         return {"mode": self.mode, "template": self.template if self.mode == "discrete" else None,
                 "max_length": self.max_length, "stack": self.stack if self.mode == "continuous" else None,
-                "target": target or self.target,
                 "tokenizer": vocabulary_digest(self.tokenizer),
-                "source": hashlib.sha256(source.read_bytes()).hexdigest()}
+                "source": hashlib.sha256(source.read_bytes()).hexdigest(),
+                **({"target": target, "prompt": KEOMNI_TRANSCRIBE_PROMPT} if target == "transcript" else {})}
 
     def build_missing(self) -> None:
         super().build_missing()
@@ -322,8 +326,7 @@ class SFTDataModule(StreamingDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.transcript_fraction and "transcript" not in self.datasets:
-            path = chunks_dir(self.chunks_root("transcript"), "train")
-            self.datasets["transcript"] = StreamingDataset(str(path), shuffle=True, seed=self.seed)
+            self.datasets["transcript"] = self.dataset("train", self.chunks_root("transcript"))
 
     def train_dataloader(self) -> StreamingDataLoader:
         """The dialogues; with ``transcript_fraction``, mixed with that share of transcript sequences (``Mixture``: an

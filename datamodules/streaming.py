@@ -270,8 +270,9 @@ class StreamingDataModule(L.LightningDataModule):
         """Folder whose ``chunks/{train,val}`` this module reads (the prepared utterances by default)."""
         return self.data_dir
 
-    def dataset(self, split: str) -> StreamingDataset:
-        path = chunks_dir(self.chunks_root(), split)
+    def dataset(self, split: str, root: str | None = None) -> StreamingDataset:
+        """The chunks of ``split`` under ``root`` (default ``chunks_root()``); train shuffled."""
+        path = chunks_dir(root or self.chunks_root(), split)
         if not (path / "index.json").is_file():
             raise FileNotFoundError(f"{path}: no litdata chunks (index.json); run `python -m lit_keomni prepare --out {self.data_dir}`")
         return StreamingDataset(str(path), shuffle=split == "train", seed=self.seed, transform=self.transform)

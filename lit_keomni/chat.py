@@ -334,7 +334,7 @@ class KeOmniChat:
         _check_vocoder(vocoder, voc, units, str(unit_generator), gen.get("speaker"))
 
         dev = torch.device(device)
-        keomni, tokenizer, meta = load_keomni(model)
+        keomni, tokenizer, meta = load_keomni(model, answers=True)
         dp, _ = load_duration(duration)
         ug, _ = load_unit_generator(unit_generator)
         voc_model, _ = _load_vocoder(vocoder, dev)

@@ -474,14 +474,26 @@ def export_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_keomni(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+def load_keomni(path: str | Path, *, answers: bool = False,
+                block_size: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """A stage-4 KE-Omni export (kind ``keomni_lm``: speech encoder, adapter and LLM) -> (``KeOmni`` in eval mode,
-    its ``TextTokenizer``, export metadata); the three configs and the tokenizer's vocabulary are checked."""
+    its ``TextTokenizer``, export metadata); the three configs and the tokenizer's vocabulary are checked.
+
+    ``answers``: the caller needs a model that answers (chat, evaluation, the speech decoder's features), so an
+    adapter-alignment export (``target: transcript``, which writes the user's words) is refused. ``block_size``:
+    build the LLM with this context length instead of the export's."""
     from lit_keomni.nn.keomni import KeOmni
     from lit_keomni.text.tokenizer import TextTokenizer
 
     exp = load_export(path, "keomni_lm")
-    model = KeOmni.from_config(exp.config, source=str(exp.path / CONFIG_FILE))
+    if answers and exp.meta.get("target", "answer") != "answer":
+        raise ValueError(f"{exp.path / CONFIG_FILE}: field 'target' is {exp.meta.get('target')!r}: an adapter-alignment "
+                         "export writes down the user's words, it does not answer; give the SFT export "
+                         "(recipes/stage4_keomni.yaml)")
+    config = dict(exp.config)
+    if block_size is not None and isinstance(config.get("llm"), dict):
+        config["llm"] = {**config["llm"], "block_size": block_size}
+    model = KeOmni.from_config(config, source=str(exp.path / CONFIG_FILE))
     tokenizer = TextTokenizer.from_file(exp.path / "tokenizer.json")
     if tokenizer.vocab_size != model.llm.config.vocab_size:
         raise ValueError(f"{exp.path / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, but "

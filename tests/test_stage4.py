@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from datamodules.sft import SFTDataModule, group_exchanges
 from lit_keomni.checkpoints import AtomicCheckpointIO, Export, lm_tokenizer, load_keomni, load_lm, write_export
@@ -379,9 +380,19 @@ def test_alignment_then_sft_continues_from_the_keomni_export(prepared, stage1_ex
             assert torch.equal(ours[k], v), (part, k)
     assert all(p.requires_grad for p in sft.model.adapter.parameters()) and sft.model.llm.training
 
+    with pytest.raises(ValueError, match="field 'target' is 'transcript': an adapter-alignment export"):
+        load_keomni(export, answers=True)  # chat, spoken-qa and the stage-5 features need an answering model
+
+    copy = tmp_path / "same_encoder_elsewhere"
+    shutil.copytree(stage1_export, copy)
+    SFT(mode="continuous", init_from=str(export), speech_export=str(stage1_export), encoder_from=str(copy),
+        overrides=TINY_LM).configure_model()  # the same weights at another path are the same encoder
     other = tmp_path / "other_encoder"
     shutil.copytree(stage1_export, other)
-    with pytest.raises(ValueError, match=r"config.json: field 'encoder_from' is .* trained on another encoder"):
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in weights if k.startswith("encoder.") and weights[k].is_floating_point())
+    save_file({**weights, name: weights[name] + 1.0}, other / "model.safetensors")
+    with pytest.raises(ValueError, match=r"its encoder is not model.encoder_from .* trained on another encoder"):
         SFT(mode="continuous", init_from=str(export), speech_export=str(stage1_export),
             encoder_from=str(other), overrides=TINY_LM).configure_model()
     with pytest.raises(ValueError, match="the adapter stacks 5 frames, but model.stack is 4"):

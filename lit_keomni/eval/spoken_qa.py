@@ -141,7 +141,7 @@ def answer_keomni(path: str | Path, wavs: Sequence[Path], *, max_new_tokens: int
     except ImportError:
         raise ValueError(f"{path}: a 'keomni_lm' export needs lit_keomni.checkpoints.load_keomni (stage 4 "
                          "continuous), which this installation lacks") from None
-    model, tokenizer, _ = load_keomni(path)
+    model, tokenizer, _ = load_keomni(path, answers=True)
     model.to(device)
     out: list[dict[str, Any]] = []
     with torch.inference_mode():

@@ -173,18 +173,18 @@ class SFT(Stage):
             return
         h = self.hparams
         self.text_tokenizer, self.speech_meta = self._tokenizer()
-        aligned = h.mode == "continuous" and bool(h.init_from) and export_kind(h.init_from) == "keomni_lm"
-        if aligned:
-            llm, adapter = self._from_keomni(h.init_from)
+        encoder = load_speech_encoder(h.encoder_from) if h.mode == "continuous" else None
+        if encoder is not None and h.init_from and export_kind(h.init_from) == "keomni_lm":
+            llm, adapter = self._from_keomni(h.init_from, encoder)
         else:
             llm = build_lm(self.model_config, self.text_tokenizer.vocab_size, h.init_from)
+            adapter = None
         self.model_config = llm.config
         self.flops_per_token = flops_per_token(llm)  # for MFU
-        if h.mode == "discrete":
+        if encoder is None:
             self.model, blocks = llm, list(llm.blocks)
         else:
-            encoder = load_speech_encoder(h.encoder_from)
-            if not aligned:
+            if adapter is None:
                 adapter = SpeechAdapter(encoder.config.d_model, llm.config.n_embd, h.stack, h.adapter_hidden)
             if h.freeze_llm:
                 llm.requires_grad_(False)
@@ -192,29 +192,25 @@ class SFT(Stage):
             blocks = [*encoder.layers, *llm.blocks]  # stem and adapter stay in the root group
         shard_or_compile(self, self.model, blocks)  # FSDP2 per block under ModelParallelStrategy
 
-    def _from_keomni(self, path: str) -> tuple[Any, SpeechAdapter]:
+    def _from_keomni(self, path: str, encoder: SpeechEncoder) -> tuple[Any, SpeechAdapter]:
         """The LLM (with this recipe's block_size) and the adapter of a KE-Omni export, checked against this run's
-        encoder and stacking."""
+        encoder (weights, wherever it lives) and stacking."""
         from lit_keomni.checkpoints import load_keomni
 
         h = self.hparams
-        model, _, meta = load_keomni(path)
+        model, _, _ = load_keomni(path, block_size=self.model_config.block_size)
         where = Path(path) / CONFIG_FILE
-        ours = str(Path(h.encoder_from).resolve())
-        if meta.get("encoder_from") != ours:
-            raise ValueError(f"{where}: field 'encoder_from' is {meta.get('encoder_from')!r}, but model.encoder_from "
-                             f"is {ours!r}: its adapter was trained on another encoder")
+        theirs, ours = model.encoder.state_dict(), encoder.state_dict()
+        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], v) for k, v in ours.items()):
+            raise ValueError(f"{path}: its encoder is not model.encoder_from {h.encoder_from!r} (other weights): its "
+                             f"adapter was trained on another encoder; name the encoder of that run ({where} field "
+                             "'encoder_from')")
         if model.stack != h.stack:
             raise ValueError(f"{where}: the adapter stacks {model.stack} frames, but model.stack is {h.stack}")
         if h.adapter_hidden is not None and model.adapter.hidden != h.adapter_hidden:
             raise ValueError(f"{where}: the adapter's hidden width is {model.adapter.hidden}, but "
                              f"model.adapter_hidden is {h.adapter_hidden}")
-        llm = model.llm
-        if llm.config.block_size != self.model_config.block_size:
-            resized = type(llm)(llm.config.replace(block_size=self.model_config.block_size))
-            resized.load_state_dict(llm.state_dict())
-            llm = resized
-        return llm.train(), model.adapter.train()
+        return model.llm.train(), model.adapter.train()
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         if self.hparams.mode == "discrete":
@@ -232,8 +228,9 @@ class SFT(Stage):
             raise ValueError(f"data.mode is {dm.mode!r} but model.mode is {h.mode!r}")
         if h.mode == "continuous" and dm.stack != h.stack:
             raise ValueError(f"data.stack is {dm.stack} but model.stack is {h.stack}: speech slots would not match frames")
-        if getattr(dm, "target", "answer") != h.target:
-            raise ValueError(f"data.target is {dm.target!r} but model.target is {h.target!r}")
+        target = getattr(dm, "target", "answer")
+        if target != h.target:
+            raise ValueError(f"data.target is {target!r} but model.target is {h.target!r}")
         ours = self.text_tokenizer.backend.get_vocab(with_added_tokens=True)
         if dm.tokenizer.backend.get_vocab(with_added_tokens=True) != ours:
             raise ValueError(f"the data's tokenizer (data.speech_export={dm.speech_export!r}, data.tokenizer="
