@@ -3,7 +3,6 @@ the frozen encoder, export round trips, exact resume, paper recipes."""
 
 import json
 import shutil
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from datamodules.sft import SFTDataModule, group_exchanges
@@ -24,6 +22,7 @@ from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.stages.sft import SFT, load_speech_encoder
 from lit_keomni.text.templates import (ASSISTANT, KEOMNI_SYSTEM_PROMPT, KEOMNI_TRANSCRIBE_PROMPT,
                                        speech_string)
+from tests.test_paper_recipes import printed
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "intermediate_size": 172, "block_size": 512}
@@ -444,17 +443,6 @@ def test_hf_whisper_encoder_parity(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- recipes
-
-
-def printed(recipe: Path, capsys, monkeypatch) -> dict:
-    from lit_keomni.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lit_keomni"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(recipe), "--print_config"])
-    assert e.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name, mode, global_batch, lr, min_ratio, epochs", [

@@ -1,14 +1,12 @@
 """Stage 5 on tiny models: duration targets (hand-made cases), length regulation, the shared speech-decoder features
 of a tiny KE-Omni export, learning, exact resume, export round trip, handoff errors, the paper recipe."""
 
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 from litdata import StreamingDataset
 
 from datamodules.duration import DurationDataModule, build_features
@@ -24,6 +22,7 @@ from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.stages.duration import DurationStage
 from lit_keomni.text.templates import Exchange, keomni_dialogue
 from tests.test_stage4 import ENCODER, TINY_LM, LossRecorder
+from tests.test_paper_recipes import printed
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODER_TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "intermediate_size": 172, "block_size": 512}
@@ -228,17 +227,6 @@ def test_handoff_errors_name_file_and_field(prepared, stage1_export, keomni_expo
 
 
 # ---------------------------------------------------------------------------------------------- recipes
-
-
-def printed(recipe: Path, capsys, monkeypatch) -> dict:
-    from lit_keomni.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lit_keomni"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(recipe), "--print_config"])
-    assert e.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 def test_cpu_recipe_chains_the_stages(capsys, monkeypatch):
