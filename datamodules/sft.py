@@ -124,7 +124,7 @@ class DialogueBuilder:
         turn (id ``<dialogue>.<k>``), whose answer is the user's own words."""
         if self.target == "answer":
             return [(dialogue_id, pairs)]
-        return [(f"{dialogue_id}.{k}", [(q, {**q, "role": "assistant"})]) for k, (q, _) in enumerate(pairs)]
+        return [(f"{dialogue_id}.{k}", [(q, q)]) for k, (q, _) in enumerate(pairs)]
 
     def __call__(self, dialogue_id: str, pairs: list[tuple[dict, dict]]) -> tuple[dict[str, Any] | None, int]:
         """(item or None when even the first exchange is too long, number of exchanges cut off)."""
