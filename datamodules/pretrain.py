@@ -41,6 +41,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.streaming import (SPLITS, Mixture, ResumableLoader, StreamingDataModule, chunks_dir, split_of,
                                    write_items)
+from datamodules.sft import vocabulary_digest
 from lit_keomni.atomic import write_json
 from lit_keomni.checkpoints import export_fingerprint, lm_tokenizer
 from lit_keomni.interleave import read_documents
@@ -233,6 +234,7 @@ class PretrainDataModule(StreamingDataModule):
         interleave_documents: int | None = 1000,
         interleave_batch_size: int = 64,
         tokenize_workers: int = 1,
+        tokenizer: str | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -253,6 +255,8 @@ class PretrainDataModule(StreamingDataModule):
             interleave_documents: Documents of the text corpus that ``interleave`` turns into interleaved data (None = all).
             interleave_batch_size: Speech spans generated together by ``interleave``.
             tokenize_workers: Processes for ``tokenize``.
+            tokenizer: The LM's own vocabulary (a released LM folder with ``tokenizer.json`` or GLM-4's
+                ``tokenizer.model``) instead of the stage-1 export's text tokenizer; the model must name the same.
             **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, seed, ...).
         """
         super().__init__(**kwargs)
@@ -270,16 +274,27 @@ class PretrainDataModule(StreamingDataModule):
         self.interleave_documents = interleave_documents
         self.interleave_batch_size = interleave_batch_size
         self.tokenize_workers = tokenize_workers
+        self.tokenizer_file = tokenizer
+        self._tokenizer: TextTokenizer | None = None
         self.sources = SOURCES
         self.active = tuple(s for s in SOURCES if self.weights[s] > 0)
         self.train_sets: dict[str, StreamingDataset] = {}
         self.val_sets: dict[str, StreamingDataset] = {}
         self._rows: dict[str, dict[str, int]] = {}
 
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The LM vocabulary the rows are written in (``lm_tokenizer`` of ``speech_export`` and ``tokenizer``)."""
+        if self._tokenizer is None:
+            self._tokenizer, _ = lm_tokenizer(self.speech_export, self.tokenizer_file)
+        return self._tokenizer
+
     # ------------------------------------------------------------------ building
     def _inputs(self, source: str) -> dict[str, Any]:
         """What the packed rows of ``source`` are made from; a change re-packs the source."""
         inputs: dict[str, Any] = {"speech_export": export_fingerprint(self.speech_export), "seq_len": self.seq_len}
+        if self.tokenizer_file:  # rows are ids: another vocabulary re-packs every source
+            inputs["tokenizer"] = vocabulary_digest(self.tokenizer)
         if source == "text":
             inputs.update(text=_digest(Path(self.text_source)), val_fraction=self.text_val_fraction)
         elif source == "interleaved":
@@ -320,7 +335,7 @@ class PretrainDataModule(StreamingDataModule):
 
     def pack_missing(self) -> dict[str, Any]:
         """Pack every active source whose rows are missing or were made from other inputs; returns the stamp."""
-        tokenizer, _ = lm_tokenizer(self.speech_export)
+        tokenizer = self.tokenizer
         if "interleaved" in self.active:
             self._check_interleaved(tokenizer)
         stamp_path = Path(self.packed_dir) / PACKED_STAMP

@@ -51,10 +51,13 @@ USER_ROLES = ("user",)
 ANSWER_ROLES = ("agent", "assistant")
 
 
-def sft_tokenizer(speech_export: str, tokenizer: str | None = None) -> TextTokenizer:
-    """The vocabulary the SFT sequences are written in: ``tokenizer`` (an LLM's tokenizer.json, continuous mode)
-    with the role tokens, or else the speech-extended tokenizer of the stage-1 export."""
-    return llm_tokenizer(tokenizer) if tokenizer else lm_tokenizer(speech_export)[0]
+def sft_tokenizer(speech_export: str, tokenizer: str | None = None, mode: str = "discrete") -> TextTokenizer:
+    """The vocabulary the SFT sequences are written in. Continuous mode: ``tokenizer`` (an LLM's own vocabulary)
+    with the role tokens. Discrete mode, or no ``tokenizer``: the speech-extended vocabulary of ``lm_tokenizer``
+    (``tokenizer``, e.g. glm-4-voice-9b's own, or else the stage-1 export's)."""
+    if tokenizer and mode == "continuous":
+        return llm_tokenizer(tokenizer)
+    return lm_tokenizer(speech_export, tokenizer)[0]
 
 
 def vocabulary_digest(tokenizer: TextTokenizer) -> str:
@@ -272,7 +275,7 @@ class SFTDataModule(StreamingDataModule):
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = sft_tokenizer(self.speech_export, self.tokenizer_file)
+            self._tokenizer = sft_tokenizer(self.speech_export, self.tokenizer_file, self.mode)
         return self._tokenizer
 
     def chunks_root(self, target: str | None = None) -> str:

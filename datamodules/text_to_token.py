@@ -17,17 +17,18 @@ from lit_keomni.text.templates import pad_batch, tts
 
 
 class TTSExample:
-    """Picklable transform: a tokenized utterance -> {ids, mask, text, language, codes}; loads the speech-extended
-    tokenizer of the stage-1 export once per worker."""
+    """Picklable transform: a tokenized utterance -> {ids, mask, text, language, codes}; loads the LM vocabulary
+    (``lm_tokenizer``) once per worker."""
 
-    def __init__(self, speech_export: str) -> None:
+    def __init__(self, speech_export: str, vocabulary: str | None = None) -> None:
         self.speech_export = speech_export
+        self.vocabulary = vocabulary
         self._tokenizer = None
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer, _ = lm_tokenizer(self.speech_export)
+            self._tokenizer, _ = lm_tokenizer(self.speech_export, self.vocabulary)
         return self._tokenizer
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -47,10 +48,12 @@ class TextToTokenDataModule(StreamingDataModule):
     """Text -> speech-token pairs from every utterance of the prepared corpus, tokenized by the stage-1 export."""
 
     def __init__(self, speech_export: str = "checkpoints/stage1/export", tokens_dir: str = "data/tokens",
-                 tokenize_workers: int = 1, **kwargs: Any) -> None:
+                 tokenize_workers: int = 1, tokenizer: str | None = None, **kwargs: Any) -> None:
         """
         Args:
             speech_export: Stage-1 export whose tokens (and tokenizer) this stage learns to produce.
+            tokenizer: The LM's own vocabulary (a released LM folder); None = the stage-1 export's text tokenizer.
+                The model must name the same.
             tokens_dir: Speech-token chunks of ``data_dir`` (made by ``tokenize`` if missing or from another export).
             tokenize_workers: Processes for that ``tokenize`` run.
             **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, ...).
@@ -59,7 +62,8 @@ class TextToTokenDataModule(StreamingDataModule):
         self.speech_export = speech_export
         self.tokens_dir = tokens_dir
         self.tokenize_workers = tokenize_workers
-        self.transform = TTSExample(speech_export)
+        self.tokenizer_file = tokenizer
+        self.transform = TTSExample(speech_export, tokenizer)
 
     def build_missing(self) -> None:
         super().build_missing()

@@ -424,15 +424,27 @@ def save_hf_llama(model: torch.nn.Module, config: Any, folder: str | Path) -> Pa
     return out
 
 
-def lm_tokenizer(speech_export: str | Path) -> tuple[Any, dict[str, Any]]:
-    """The text tokenizer of a stage-1 export extended with its speech tokens and the dialogue specials, and the
-    export's metadata: the vocabulary every LM stage uses."""
+def lm_tokenizer(speech_export: str | Path, vocabulary: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """The vocabulary every LM stage uses, and the stage-1 export's metadata: the text tokenizer of the stage-1
+    export, or ``vocabulary`` (a released LM's own: a folder with ``tokenizer.json`` or GLM-4's ``tokenizer.model``,
+    or a ``tokenizer.json``), extended with the export's speech tokens and the dialogue specials. Speech tokens the
+    vocabulary already holds (glm-4-voice-9b's ``<|audio_N|>``) are used as they are; a count that disagrees with the
+    export's codebook is one error naming both."""
     from lit_keomni.text.tokenizer import TextTokenizer
 
     meta = read_export_meta(speech_export, "speech_tokenizer")
-    tokenizer = TextTokenizer.from_file(Path(speech_export) / "tokenizer.json")
+    tokenizer = read_vocabulary(vocabulary or Path(speech_export) / "tokenizer.json")
     tokenizer.add_speech_tokens(int(meta["codebook_size"]))
     return tokenizer, meta
+
+
+def read_vocabulary(path: str | Path) -> Any:
+    """A ``TextTokenizer`` from a ``tokenizer.json`` file or a released model's folder (``tokenizer.json``, or
+    GLM-4's tiktoken ``tokenizer.model`` with its ``tokenizer_config.json``)."""
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    path = Path(path)
+    return TextTokenizer.from_folder(path) if path.is_dir() else TextTokenizer.from_file(path)
 
 
 def load_lm(path: str | Path, kind: str = "speech_lm") -> tuple[Any, Any, dict[str, Any]]:

@@ -112,6 +112,15 @@ class TokenThroughput(L.Callback):
                 pl_module.log("perf/mfu", flops * tokens / dt / (peak * trainer.world_size), on_step=True, on_epoch=False)
 
 
+def check_same_vocabulary(model_tokenizer: Any, data_tokenizer: Any, model_names: str, data_names: str) -> None:
+    """The data of an LM stage must be written in the model's vocabulary: one error naming the options of both
+    (``model_names`` / ``data_names``, e.g. "model.tokenizer='/models/glm-4-9b'") otherwise."""
+    vocab = model_tokenizer.backend.get_vocab(with_added_tokens=True)
+    if data_tokenizer.backend.get_vocab(with_added_tokens=True) != vocab:
+        raise ValueError(f"the data's vocabulary ({data_names}) differs from the model's ({model_names}); name the "
+                         f"same stage-1 export and tokenizer in both")
+
+
 class Stage(L.LightningModule):
     """What every stage's LightningModule shares: the gradient norm logged before each optimiser step, AdamW with
     warm-up and decay from the hyper-parameters ``lr``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio`` and

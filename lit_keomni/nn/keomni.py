@@ -31,11 +31,14 @@ from lit_keomni.text.tokenizer import PAD, ROLE_TOKENS, TextTokenizer
 
 
 def llm_tokenizer(path: str | Path) -> TextTokenizer:
-    """An LLM's own ``tokenizer.json`` (e.g. Llama-3.1's) with the dialogue role tokens appended after its ids, for a
-    KE-Omni LLM loaded from a Hugging Face folder (no speech tokens: KE-Omni's speech is continuous)."""
+    """An LLM's own vocabulary (a ``tokenizer.json`` or a released model's folder, e.g. Llama-3.1's) with the
+    dialogue role tokens appended after its ids, for a KE-Omni LLM loaded from a released folder (no speech tokens:
+    KE-Omni's speech is continuous)."""
     from tokenizers import AddedToken
 
-    tokenizer = TextTokenizer.from_file(path)
+    from lit_keomni.checkpoints import read_vocabulary
+
+    tokenizer = read_vocabulary(path)
     tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ROLE_TOKENS])
     return tokenizer
 

@@ -28,7 +28,7 @@ from lit_keomni.configs import TransformerConfig, config_dict
 from lit_keomni.distributed import full_state_dict, shard_or_compile
 from lit_keomni.lm import build_lm, flops_per_token
 from lit_keomni.nn.transformer import Transformer
-from lit_keomni.training import Stage
+from lit_keomni.training import Stage, check_same_vocabulary
 
 EXPORT_KIND = "speech_lm"
 
@@ -48,6 +48,7 @@ class Pretrain(Stage):
         overrides: dict[str, Any] | None = None,
         speech_export: str = "checkpoints/stage1/export",
         init_from: str | None = None,
+        tokenizer: str | None = None,
         lr: float = 6e-5,
         min_lr_ratio: float = 0.1,
         weight_decay: float = 0.1,
@@ -63,8 +64,11 @@ class Pretrain(Stage):
                 speech-extended tokenizer's.
             overrides: Field overrides of the preset, e.g. ``{n_layer: 4, n_embd: 256, block_size: 512}``.
             speech_export: Stage-1 export whose tokenizer, extended with its speech tokens, is the vocabulary.
-            init_from: Local Hugging Face Llama-layout folder of a text LM (its embeddings grow to the speech
-                vocabulary; the paper starts from GLM-4-9B-Base), or an LM export of ours; None = random.
+            init_from: Local released text LM folder (Llama, Qwen2, GLM / GLM-4 or ChatGLM layout; the paper starts
+                from GLM-4-9B-Base) whose embeddings grow to the speech vocabulary (set ``tokenizer`` to the same
+                folder), or an LM export of ours; None = random.
+            tokenizer: The LM's own vocabulary: a folder with ``tokenizer.json`` or GLM-4's ``tokenizer.model``;
+                None = the stage-1 export's text tokenizer. The data module must name the same.
             lr: Peak learning rate (paper: 6e-5).
             min_lr_ratio: Final learning rate as a fraction of ``lr`` (paper: 6e-6 / 6e-5 = 0.1).
             weight_decay: AdamW weight decay (not given in the paper).
@@ -91,7 +95,7 @@ class Pretrain(Stage):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export)
+        self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export, self.hparams.tokenizer)
         self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
         self.model_config = self.model.config
         self.flops_per_token = flops_per_token(self.model, self.model_config.block_size)  # for MFU
@@ -122,6 +126,10 @@ class Pretrain(Stage):
 
     def on_fit_start(self) -> None:
         dm = self._datamodule()
+        if dm is not None and hasattr(dm, "tokenizer_file"):
+            check_same_vocabulary(self.text_tokenizer, dm.tokenizer,
+                                  f"model.speech_export={self.hparams.speech_export!r}, model.tokenizer={self.hparams.tokenizer!r}",
+                                  f"data.speech_export={dm.speech_export!r}, data.tokenizer={dm.tokenizer_file!r}")
         weights = getattr(dm, "weights", None)
         if not weights:
             return

@@ -37,7 +37,7 @@ from lit_keomni.nn.keomni import KeOmni, llm_tokenizer
 from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.text.templates import KEOMNI_SYSTEM_PROMPT, KEOMNI_TRANSCRIBE_PROMPT, check_sft_options
 from lit_keomni.text.tokenizer import TextTokenizer
-from lit_keomni.training import Stage, gather_lists
+from lit_keomni.training import Stage, check_same_vocabulary, gather_lists
 
 EXPORT_KINDS = {"discrete": "speech_lm", "continuous": "keomni_lm"}
 
@@ -108,7 +108,8 @@ class SFT(Stage):
             config: ``TransformerConfig`` preset of the LLM when it starts random or from a Hugging Face folder; an
                 LM export brings its own sizes (only ``block_size`` is taken from here).
             overrides: Field overrides of the preset, e.g. ``{n_layer: 4, n_embd: 256, block_size: 640}``.
-            init_from: The LLM to start from: the stage-3 export (kind speech_lm), a local Hugging Face Llama folder,
+            init_from: The LLM to start from: the stage-3 export (kind speech_lm), a local released LM folder
+                (Llama, Qwen2, GLM / GLM-4 or ChatGLM layout, e.g. glm-4-voice-9b; set ``tokenizer`` to it too),
                 or null for a random LLM (tests, timing). Continuous mode also takes a KE-Omni export (kind
                 keomni_lm, e.g. the alignment run's): its LLM and its adapter, which must have been trained on
                 ``encoder_from``.
@@ -117,8 +118,10 @@ class SFT(Stage):
             template: Discrete mode: "text_guided" or "direct" (seed 003 Appendix F).
             encoder_from: Continuous mode: the frozen speech encoder, a stage-1 export (its 50 Hz layers below the
                 pooling) or a local Hugging Face Whisper folder (whisper-large-v3 in the paper).
-            tokenizer: Continuous mode with a Hugging Face LLM: its tokenizer.json (role tokens are added); None =
-                the speech-extended tokenizer of ``speech_export``. The data module must name the same.
+            tokenizer: A released LLM's own vocabulary (a folder with ``tokenizer.json`` or GLM-4's
+                ``tokenizer.model``). Continuous mode: the role tokens are added; discrete mode: the speech tokens
+                of ``speech_export`` too, or those it already holds (glm-4-voice-9b's ``<|audio_N|>``). None = the
+                speech-extended tokenizer of ``speech_export``. The data module must name the same.
             freeze_llm: Continuous mode: train only the adapter.
             target: Continuous mode: "answer" (SFT) or "transcript" (adapter alignment: the model writes the user's
                 own words under ``KEOMNI_TRANSCRIBE_PROMPT``; ``val/answer_cer`` is then the ASR CER). The data
@@ -160,10 +163,10 @@ class SFT(Stage):
             meta = json.loads((Path(h.init_from) / CONFIG_FILE).read_text(encoding="utf-8")).get("speech_tokenizer")
             if meta is not None:
                 return tokenizer, dict(meta)
-        elif h.tokenizer:
+        elif h.tokenizer and h.mode == "continuous":
             return llm_tokenizer(h.tokenizer), {}
         else:
-            tokenizer, _ = lm_tokenizer(h.speech_export)
+            tokenizer, _ = lm_tokenizer(h.speech_export, h.tokenizer)
         m = read_export_meta(h.speech_export, "speech_tokenizer")
         return tokenizer, {"frame_rate_hz": m["frame_rate_hz"], "codebook_size": m["codebook_size"],
                            "export": str(Path(h.speech_export).resolve())}
@@ -231,11 +234,9 @@ class SFT(Stage):
         target = getattr(dm, "target", "answer")
         if target != h.target:
             raise ValueError(f"data.target is {target!r} but model.target is {h.target!r}")
-        ours = self.text_tokenizer.backend.get_vocab(with_added_tokens=True)
-        if dm.tokenizer.backend.get_vocab(with_added_tokens=True) != ours:
-            raise ValueError(f"the data's tokenizer (data.speech_export={dm.speech_export!r}, data.tokenizer="
-                             f"{dm.tokenizer_file!r}) differs from the model's (model.init_from={h.init_from!r}, "
-                             f"model.tokenizer={h.tokenizer!r}); name the same stage-1 export / tokenizer in both")
+        check_same_vocabulary(self.text_tokenizer, dm.tokenizer,
+                              f"model.init_from={h.init_from!r}, model.tokenizer={h.tokenizer!r}",
+                              f"data.speech_export={dm.speech_export!r}, data.tokenizer={dm.tokenizer_file!r}")
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

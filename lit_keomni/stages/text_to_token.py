@@ -27,7 +27,7 @@ from lit_keomni.generate import generate
 from lit_keomni.lm import build_lm, flops_per_token, masked_lm_loss
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.text.templates import END_AUDIO, tts
-from lit_keomni.training import Stage, gather_lists
+from lit_keomni.training import Stage, check_same_vocabulary, gather_lists
 
 EXPORT_KIND = "text_to_token"
 
@@ -41,6 +41,7 @@ class TextToToken(Stage):
         overrides: dict[str, Any] | None = None,
         speech_export: str = "checkpoints/stage1/export",
         init_from: str | None = None,
+        tokenizer: str | None = None,
         lr: float = 4e-4,
         min_lr_ratio: float = 0.1,
         weight_decay: float = 0.1,
@@ -58,8 +59,12 @@ class TextToToken(Stage):
                 the speech-extended tokenizer's.
             overrides: Field overrides of the preset, e.g. ``{n_layer: 4, n_embd: 256}``.
             speech_export: Stage-1 export: the speech tokens to produce, its tokenizer, and the ASR judge.
-            init_from: Local Hugging Face Llama-layout folder (safetensors) with a text LM to start from; its
-                embeddings are extended with the speech tokens (the paper starts from a 1.5B text LM).
+            init_from: Local released text LM folder (Llama, Qwen2, GLM / GLM-4 or ChatGLM layout, safetensors) to
+                start from; its embeddings are extended with the speech tokens (the paper starts from a 1.5B text
+                LM). Set ``tokenizer`` to the same folder.
+            tokenizer: The LM's own vocabulary: a folder with ``tokenizer.json`` or GLM-4's ``tokenizer.model``
+                (e.g. the ``init_from`` folder); None = the stage-1 export's text tokenizer. The data module must
+                name the same.
             lr: Peak learning rate (paper: 4e-4).
             min_lr_ratio: Final learning rate as a fraction of ``lr`` (paper: 0.1).
             weight_decay: AdamW weight decay (paper: 0.1).
@@ -86,7 +91,7 @@ class TextToToken(Stage):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export)
+        self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export, self.hparams.tokenizer)
         self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
         self.model_config = self.model.config
         self.flops_per_token = flops_per_token(self.model)  # for MFU
@@ -94,6 +99,13 @@ class TextToToken(Stage):
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "transform"):
+            check_same_vocabulary(self.text_tokenizer, dm.transform.tokenizer,
+                                  f"model.speech_export={self.hparams.speech_export!r}, model.tokenizer={self.hparams.tokenizer!r}",
+                                  f"data.speech_export={dm.speech_export!r}, data.tokenizer={dm.tokenizer_file!r}")
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

@@ -45,8 +45,8 @@ SFT_MODES = ("discrete", "continuous")
 
 def check_sft_options(owner: str, mode: str, template: str, tokenizer: str | None, target: str = "answer") -> None:
     """The SFT options the model and its DataModule share: ``mode`` (discrete: GLM-4-Voice speech tokens; continuous:
-    KE-Omni encoder + adapter), ``template`` (discrete answers), ``tokenizer`` and ``target`` (continuous mode only);
-    errors name ``owner``."""
+    KE-Omni encoder + adapter), ``template`` (discrete answers) and ``target`` (continuous mode only); errors name
+    ``owner``. ``tokenizer`` (the LLM's own vocabulary) serves both modes."""
     if mode not in SFT_MODES:
         raise ValueError(f"{owner}: mode must be one of {SFT_MODES}, got {mode!r}")
     if target not in SFT_TARGETS:
@@ -55,9 +55,6 @@ def check_sft_options(owner: str, mode: str, template: str, tokenizer: str | Non
         raise ValueError(f"{owner}: target={target!r} is for the continuous mode (adapter alignment)")
     if template not in DIALOGUE_MODES:
         raise ValueError(f"{owner}: template must be one of {DIALOGUE_MODES}, got {template!r}")
-    if tokenizer and mode == "discrete":
-        raise ValueError(f"{owner}: tokenizer is for the continuous mode; the discrete mode uses the speech tokens of "
-                         "the stage-1 export's speech-extended tokenizer")
 
 
 @dataclass
