@@ -4,7 +4,7 @@ The prepared utterances (one item per turn: ``dialogue_id``, ``turn``, ``role``,
 grouped by dialogue and ordered by turn into exchanges (a user turn and the agent's answer). One training sequence per
 dialogue covers all its exchanges, history first; the loss is on every assistant part (``text.templates`` masks).
 - ``discrete`` (GLM-4-Voice, seed 003 §2.3.2, Appendix F): ``glm_dialogue`` with the user's and the agent's speech
-  tokens (``tokenize`` of the stage-1 export, run if missing) and ``template`` "text_guided" or "direct".
+  tokens (``tokenize`` of the stage-1 export, run if missing) and ``template`` "text_guided", "direct" or "streaming".
 - ``continuous`` (KE-Omni, seed 000 §4): ``keomni_dialogue``; each user turn is stored as 16 kHz audio and takes
   ``nn.adapter.speech_frames(samples, stack)`` ``<|pad|>`` slots, exactly the frames the encoder + adapter produce.
 - ``target="transcript"`` (continuous; adapter alignment): one sequence per answered user turn whose answer is the
@@ -244,7 +244,8 @@ class SFTDataModule(StreamingDataModule):
                 the sequences in instead of the stage-1 export's; must be the model's ``tokenizer`` too.
             tokens_dir: Speech-token chunks of ``data_dir`` (discrete; made by ``tokenize`` if missing or stale).
             sft_dir: Where the dialogue-level chunks go (``sft_dir/<mode>/chunks/{train,val}``).
-            template: Discrete mode: "text_guided" (text answer, then its speech) or "direct" (speech answer only).
+            template: Discrete mode: "text_guided" (text answer, then its speech), "direct" (speech answer only)
+                or "streaming" (13 text / 26 speech tokens interleaved, as the released glm-4-voice-9b answers).
             max_length: Longest training sequence in tokens (model input positions); at most the LM's block_size.
             stack: Continuous mode: the adapter's frame stacking (KE-Omni: 5, 50 Hz -> 10 Hz); must be the model's.
             target: Continuous mode: "answer" (the dialogue, SFT) or "transcript" (adapter alignment: one sequence

@@ -45,8 +45,8 @@ from torch import Tensor
 from lit_keomni.checkpoints import CONFIG_FILE, export_fingerprint, read_export_meta, unit_meta
 from lit_keomni.generate import sample
 from lit_keomni.nn.audio import load_wav, resample, save_wav
-from lit_keomni.text.templates import (ASSISTANT, BEGIN_AUDIO, END_AUDIO, SYSTEM, Exchange, glm_dialogue,
-                                       keomni_dialogue)
+from lit_keomni.text.templates import (ASSISTANT, BEGIN_AUDIO, DIALOGUE_MODES, END_AUDIO, SYSTEM, USER, Exchange,
+                                       glm_dialogue, keomni_dialogue)
 from lit_keomni.text.tokenizer import PAD
 
 SAMPLE_RATE = 16_000
@@ -477,7 +477,7 @@ class GlmChat:
         speech_allow = _allowed(vocab, off, off + tok.num_audio_tokens, (eoa,), device)
         prompt = glm_dialogue(tok, [Exchange(user_codes=codes)], self.template)[0]
         room = llm.config.block_size - len(prompt) - 8  # the re-rendered speech prompt adds a few tokens
-        n_text = min(max_new_tokens, room) if self.template == "text_guided" else 0
+        n_text = min(max_new_tokens, room) if self.template != "direct" else 0
         n_speech = min(max(1, round(max_speech_seconds * self.lm.frame_rate_hz)), room - n_text)
         if n_speech < 1:
             raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in the LM's block_size "
@@ -485,6 +485,29 @@ class GlmChat:
         stream = UnitStream(self.vocoder, self.block, self.lookahead, clock)
         text_ids: list[int] = []
         cache = _Cache(llm, llm.config.block_size)
+        if self.template == "streaming":  # one interleaved answer (13 text, 26 speech, ...) up to <|user|>
+            stops = (tok.token_to_id(USER), eos)
+            allow = _allowed(vocab, 0, off + tok.num_audio_tokens, stops, device)
+            try:
+                with clock.part("llm"):
+                    logits = cache.logits(cache.feed(prompt))
+                for step in range(min(n_text + n_speech, room)):
+                    with clock.part("llm"):
+                        nxt = _next(logits, allow, temperature, top_k, generator)
+                        if nxt in stops:
+                            break
+                        logits = cache.logits(cache.feed([nxt]))
+                    if off <= nxt < off + tok.num_audio_tokens:
+                        stream.push([nxt - off])
+                    else:
+                        text_ids.append(nxt)
+                stream.flush()
+            finally:
+                cache.close()
+            total = clock.stop()
+            return ChatResult(tok.decode(text_ids).strip(), stream.audio(), self.vocoder.sample_rate, stream.units,
+                              dict(clock.times), total, clock.first_audio, len(stream.chunks), text_ids,
+                              clock.first_times)
         try:
             if self.template == "text_guided":
                 with clock.part("llm"):
@@ -600,7 +623,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", help="stage-5 duration predictor export (keomni)")
     p.add_argument("--unit-generator", help="stage-6 unit generator export (keomni)")
     p.add_argument("--vocoder", required=True, help="stage-7 vocoder export")
-    p.add_argument("--template", choices=("text_guided", "direct"), default=None,
+    p.add_argument("--template", choices=DIALOGUE_MODES, default=None,
                    help="glm: dialogue template (default: the one the model was trained with)")
     p.add_argument("--speech-export", default=None, help="glm: stage-1 export (default: the one the model records)")
     p.add_argument("--out", default="chat_out", help="folder for one answer wav per input")
@@ -709,7 +732,7 @@ def tiny_exports(out: str | Path, *, codebook: int = 16, speaker: str = "agentFe
     want: ``stage1`` (speech tokenizer, ``codebook`` codes, with a BPE tokenizer trained on ``TINY_TEXTS``),
     ``keomni`` (keomni_lm), ``glm`` (speech_lm, text_guided SFT), ``duration``, ``unit_generator``, ``vocoder``
     (for ``speaker``). Answers run to their length limits: the LMs' output rows of their stop tokens (``<|eos|>``,
-    ``<|begin_of_audio|>``, ``<|assistant|>``, ``<|end_of_audio|>``) are zeroed, a logit of 0 against random ones. The
+    ``<|begin_of_audio|>``, ``<|assistant|>``, ``<|end_of_audio|>``, ``<|user|>``) are zeroed, a logit of 0 against random ones. The
     duration predictor says ``frames_per_token`` for every token (its input projection is zeroed and its head scaled),
     so an answer's length in units is known. Used by the tests and the latency benchmark."""
     from lit_keomni.checkpoints import decoder_handoff, lm_tokenizer, write_export
@@ -735,7 +758,7 @@ def tiny_exports(out: str | Path, *, codebook: int = 16, speaker: str = "agentFe
     tok, _ = lm_tokenizer(paths["stage1"])
     lm = TransformerConfig.from_name("tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=172,
                                      block_size=512, vocab_size=tok.vocab_size)
-    stops = [tok.eos_id, *(tok.token_to_id(t) for t in (BEGIN_AUDIO, ASSISTANT, END_AUDIO))]
+    stops = [tok.eos_id, *(tok.token_to_id(t) for t in (BEGIN_AUDIO, ASSISTANT, END_AUDIO, USER))]
     keomni = KeOmni(SpeechEncoder(s1), SpeechAdapter(64, 64, stack=5, hidden=48), Transformer(lm))
     glm = Transformer(lm)
     with torch.no_grad():

@@ -461,7 +461,7 @@ def load_lm(path: str | Path, kind: str = "speech_lm") -> tuple[Any, Any, dict[s
     if tokenizer.num_audio_tokens != codebook:
         raise ValueError(f"{exp.path / 'tokenizer.json'}: {tokenizer.num_audio_tokens} speech tokens, but "
                          f"{exp.path / CONFIG_FILE} field 'speech_tokenizer.codebook_size' is {codebook}")
-    if tokenizer.vocab_size != config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:  # fewer is a released LM's own rows (GLM-4 pads to 151,552)
         raise ValueError(f"{exp.path / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, but "
                          f"{exp.path / CONFIG_FILE} field 'vocab_size' is {config.vocab_size}")
     model = Transformer(config)

@@ -55,6 +55,9 @@ def usage() -> str:
         "  eval TASK                  asr, storycloze, spoken-qa, utmos, judge (eval --help lists them)",
         "inference:",
         "  chat INPUT                 speech in, streamed speech out (--pipeline keomni|glm), timed; chat --help",
+        "released models:",
+        "  import lm DIR              a released LM folder (+ --speech-export) as an LM export (chat, eval)",
+        "  release EXPORT --out DIR   an LM export in the released layout it came from (or --format)",
         "",
         "stages:",
         *(f"  {name}  {text}" for name, text in STAGES.items()),
@@ -239,6 +242,23 @@ def align_command(argv: list[str]) -> None:
           f"{summary['dialogues']} dialogues into {a.out}")
 
 
+def release_command(argv: list[str]) -> None:
+    from lit_keomni.layouts import LM_FORMATS
+    from lit_keomni.release import release
+
+    p = argparse.ArgumentParser(prog="python -m lit_keomni release",
+                                description="Write an LM export (stage 2, 3 or discrete stage 4) in a released layout "
+                                            "(weights, config.json, vocabulary files, the source folder's remote code), "
+                                            "for transformers, vLLM, SGLang or the reference code.")
+    p.add_argument("export", help="LM export folder, e.g. checkpoints/stage4/export")
+    p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--format", choices=LM_FORMATS, default=None,
+                   help="layout to write (default: the one the export's weights came from)")
+    a = p.parse_args(argv)
+    out = release(a.export, a.out, a.format)
+    print(f"wrote {out}")
+
+
 def chat_command(argv: list[str]) -> None:
     from lit_keomni.chat import main as chat
 
@@ -247,7 +267,7 @@ def chat_command(argv: list[str]) -> None:
 
 COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command, "interleave": interleave_command,
             "eval": eval_command, "units": units_command, "align": align_command,
-            "chat": chat_command}
+            "chat": chat_command, "release": release_command}
 
 
 def main(argv: list[str] | None = None) -> None:

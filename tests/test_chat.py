@@ -107,6 +107,16 @@ def test_glm_writes_text_and_speech_in_blocks(glm, question, template):
     assert set(r.times) == set(GlmChat.components) and ("asr_text" in r.extra_times) == (template == "direct")
 
 
+def test_glm_streaming_interleaves_text_and_speech(glm, question):
+    """The released glm-4-voice-9b's template: one answer whose text and speech tokens come interleaved."""
+    glm = GlmChat(glm.lm, glm.speech, glm.vocoder, template="streaming", block=5, lookahead=0)
+    r = glm(read_input(question, glm.max_samples), max_new_tokens=6, max_speech_seconds=2.0)
+    assert len(r.text_ids) + len(r.units) == 6 + 25 and r.units  # runs to its limit: <|user|> cannot win
+    tok = glm.lm.tokenizer
+    assert all(i < tok.audio_token_offset for i in r.text_ids) and max(r.units) < tok.num_audio_tokens
+    assert r.wav.numel() == len(r.units) * glm.vocoder.hop and r.chunks == -(-len(r.units) // 5)
+
+
 def test_command_writes_wavs_and_json(exports, question, tmp_path, capsys):
     out, report = tmp_path / "out", tmp_path / "chat.json"
     cli(["chat", str(question), "--pipeline", "keomni", "--model", str(exports["keomni"]), "--duration",

@@ -71,6 +71,7 @@ def exports(stage1_export, tmp_path_factory):
     return {"pretrain": write_speech_lm(root / "pretrain", stage1_export, 1, stage="pretrain"),
             "text_guided": write_speech_lm(root / "sft_tg", stage1_export, 2, stage="sft", template="text_guided"),
             "direct": write_speech_lm(root / "sft_direct", stage1_export, 3, stage="sft", template="direct"),
+            "streaming": write_speech_lm(root / "sft_streaming", stage1_export, 4, stage="sft", template="streaming"),
             "keomni": write_keomni(root / "keomni", stage1_export)}
 
 
@@ -248,7 +249,7 @@ def test_storycloze_command_end_to_end(exports, sets, tmp_path):
 
 def test_spoken_qa_command_end_to_end(exports, tmp_path, one_thread):
     out = tmp_path / "report"
-    models = [exports["pretrain"], exports["text_guided"], exports["direct"], exports["keomni"]]
+    models = [exports["pretrain"], exports["text_guided"], exports["direct"], exports["streaming"], exports["keomni"]]
     # in-process through the same entry point as `python -m lit_keomni` (the storycloze test pays the subprocess)
     main(["eval", "spoken-qa", *[str(a) for m in models for a in ("--model", m)], "--builtin", "--n-per-language", "1",
           "--out", str(out), "--max-new-tokens", "6", "--max-speech-seconds", "1.0"])
@@ -256,18 +257,18 @@ def test_spoken_qa_command_end_to_end(exports, tmp_path, one_thread):
     report = json.loads((out / "spoken-qa.json").read_text())
     rows = report["summary"]
     want = [(models[0], "S"), (models[0], "S→T"), (models[1], "S"), (models[1], "S→T"), (models[2], "S"),
-            (models[3], "S→T")]
+            (models[3], "S"), (models[3], "S→T"), (models[4], "S→T")]
     assert [(r["model"], r["setting"]) for r in rows] == [(str(m), s) for m, s in want]
     chance = report["settings"]["chance"]
     assert 0 < chance < 1 and all(r["chance"] == pytest.approx(100 * chance) and r["n"] == 2 for r in rows)
     for it in report["items"]:
         assert isinstance(it["response"], str) and it["correct"] in (True, False)
-        if it["setting"] == "S":
-            assert 0 <= it["speech_tokens"] <= 13  # 1 s at 12.5 Hz
+        if it["setting"] == "S":  # 1 s at 12.5 Hz; an interleaved answer shares 6 + 13 tokens with its text
+            assert 0 <= it["speech_tokens"] <= (19 if it["model"] == str(models[3]) else 13)
     md = (out / "spoken-qa.md").read_text()
     assert "| model | stage | setting | accuracy | en | zh | chance | n |" in md
     # a direct model cannot write text, a KE-Omni model cannot speak: reported as not supported
-    assert f"{models[2]}: S→T" in md and f"{models[3]}: S" in md
+    assert f"{models[2]}: S→T" in md and f"{models[4]}: S" in md
     assert rows[-1]["stage"] == "sft (keomni)"
 
 

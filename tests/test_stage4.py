@@ -20,8 +20,9 @@ from lit_keomni.nn.keomni import KeOmni
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.stages.sft import SFT, load_speech_encoder
-from lit_keomni.text.templates import (ASSISTANT, KEOMNI_SYSTEM_PROMPT, KEOMNI_TRANSCRIBE_PROMPT,
-                                       speech_string)
+from lit_keomni.text.templates import (ASSISTANT, GLM_STREAMING_PROMPT, KEOMNI_SYSTEM_PROMPT,
+                                       KEOMNI_TRANSCRIBE_PROMPT, USER, Exchange, glm_dialogue, interleave_answer,
+                                       speech_string, split_answer)
 from tests.test_paper_recipes import printed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +185,49 @@ def test_discrete_loss_mask_is_assistant_only(prepared, stage1_export, work, tmp
     for row, (did, answers) in enumerate(zip(batch["id"], batch["answers"])):
         runs = [tok.decode(r, skip_special=False) for r in trained_runs(batch["target"][row])]
         assert runs == [speech_string(codes[(did, a)]) for a in answers]
+
+    streaming = data_module("discrete", prepared, stage1_export, work, template="streaming",
+                            sft_dir=str(tmp_path / "sft_streaming"))
+    streaming.prepare_data()
+    streaming.setup()
+    batch = next(iter(streaming.train_dataloader()))
+    user = tok.token_to_id(USER)
+    for row, (did, answers) in enumerate(zip(batch["id"], batch["answers"])):
+        runs = trained_runs(batch["target"][row])
+        assert len(runs) == len(answers)
+        for run, a in zip(runs, answers):  # text and speech interleaved 13:26, then <|user|>
+            assert run[-1] == user
+            text, speech = split_answer(tok, run[:-1])
+            assert tok.decode(text) == nfkc(a) and speech == codes[(did, a)]
+            kinds = "".join("s" if i >= tok.audio_token_offset else "t" for i in run[:-1])
+            assert kinds.startswith("t" * min(13, len(text)) + "s" * min(26, len(speech)))
+    assert tok.decode(batch["input"][0].tolist(), skip_special=False).startswith(
+        f"<|system|>\n{GLM_STREAMING_PROMPT}<|user|>\n<|begin_of_audio|>")
+
+
+def test_interleave_answer_alternates_13_text_and_26_speech_tokens():
+    text, speech = list(range(20)), [100 + i for i in range(60)]
+    assert interleave_answer(text, speech) == [*range(13), *range(100, 126), *range(13, 20), *range(126, 160)]
+    assert interleave_answer(list(range(30)), [100]) == [*range(13), 100, *range(13, 26), *range(26, 30)]
+    assert interleave_answer([], []) == []
+
+
+def test_streaming_prompt_is_the_released_one(stage1_export):
+    tok, _ = lm_tokenizer(stage1_export)
+    ids, mask = glm_dialogue(tok, [Exchange(user_codes=[3, 1]), ], "streaming")
+    assert not any(mask)
+    assert tok.decode(ids, skip_special=False) == (f"<|system|>\n{GLM_STREAMING_PROMPT}<|user|>\n<|begin_of_audio|>"
+                                                   "<|audio_3|><|audio_1|><|end_of_audio|><|assistant|>"
+                                                   "streaming_transcription\n")
+    two, mask = glm_dialogue(tok, [Exchange(user_codes=[3], text="hi", codes=[5]), Exchange(user_codes=[2])],
+                             "streaming")
+    user = [i for i, t in enumerate(two) if t == tok.token_to_id(USER)][1]  # the first answer ends with <|user|> ...
+    answer = [*tok.encode("hi"), *tok.speech_to_ids([5]), tok.token_to_id(USER)]
+    assert two[user - len(answer) + 1: user + 1] == answer and all(mask[user - len(answer) + 1: user + 1])
+    # ... which opens the second user turn
+    assert tok.decode(two[user:], skip_special=False).replace(" ", "") == (
+        "<|user|>\n<|begin_of_audio|><|audio_2|><|end_of_audio|><|assistant|>streaming_transcription\n")
+    assert not any(mask[user + 1:])
 
 
 def test_continuous_loss_mask_is_assistant_only(prepared, stage1_export, work):

@@ -20,7 +20,7 @@ from lit_keomni.checkpoints import CONFIG_FILE, load_lm
 from lit_keomni.eval.report import read_jsonl
 from lit_keomni.nn.audio import load_wav
 from lit_keomni.nn.transformer import Transformer
-from lit_keomni.text.templates import pad_batch
+from lit_keomni.text.templates import DIALOGUE_MODES, pad_batch
 from lit_keomni.text.tokenizer import TextTokenizer
 
 SAMPLE_RATE = 16_000
@@ -53,7 +53,7 @@ class SpeechLM:
 
     @property
     def template(self) -> str | None:
-        """The SFT dialogue template (``text_guided`` or ``direct``); None for a pretrained model."""
+        """The SFT dialogue template (one of ``DIALOGUE_MODES``); None for a pretrained model."""
         return self.meta.get("template") if self.stage == "sft" else None
 
     @property
@@ -73,8 +73,8 @@ def load_speech_lm(path: str | Path, speech_export: str | Path | None = None, de
     stage = meta.get("stage")
     if stage not in ("pretrain", "sft"):
         raise ValueError(f"{cfg}: field 'stage' is {stage!r}, expected 'pretrain' or 'sft'")
-    if stage == "sft" and meta.get("template") not in ("text_guided", "direct"):
-        raise ValueError(f"{cfg}: field 'template' is {meta.get('template')!r}, expected 'text_guided' or 'direct'")
+    if stage == "sft" and meta.get("template") not in DIALOGUE_MODES:
+        raise ValueError(f"{cfg}: field 'template' is {meta.get('template')!r}, expected one of {DIALOGUE_MODES}")
     if speech_export is None:
         speech_export = meta.get("speech_tokenizer", {}).get("export")
         if not speech_export:

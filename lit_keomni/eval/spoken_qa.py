@@ -11,7 +11,8 @@ How each model answers (greedy decoding; the question is its speech tokens from 
   ``--max-speech-seconds`` (10 s = 125 tokens at 12.5 Hz) of speech tokens, stopping at ``<|end_of_audio|>``.
 - ``speech_lm``, stage 4 discrete SFT: the GLM-4-Voice dialogue prompt of its template (Appendix F). ``text_guided``:
   the text up to ``\\n<|assistant|>`` is the ``S→T`` answer, and the speech tokens it then writes after
-  ``\\n<|assistant|>\\n<|begin_of_audio|>`` the ``S`` answer. ``direct``: speech only (``S``).
+  ``\\n<|assistant|>\\n<|begin_of_audio|>`` the ``S`` answer. ``direct``: speech only (``S``). ``streaming`` (the
+  released glm-4-voice-9b's): one interleaved answer up to ``<|user|>``; its text is ``S→T``, its speech ``S``.
 - ``keomni_lm`` (stage 4 continuous, KE-Omni): its ``respond`` gives the text answer (``S→T`` only).
 Spoken answers are read back by the stage-1 ASR decoder (the paper uses whisper-large-v3 for this).
 
@@ -39,7 +40,8 @@ from lit_keomni.eval.lm_scoring import (SAMPLE_RATE, SpeechLM, Stage1Speech, add
 from lit_keomni.eval.report import write_report
 from lit_keomni.generate import generate
 from lit_keomni.nn.audio import load_wav
-from lit_keomni.text.templates import ASSISTANT, BEGIN_AUDIO, END_AUDIO, SYSTEM, Exchange, glm_dialogue
+from lit_keomni.text.templates import (ASSISTANT, BEGIN_AUDIO, END_AUDIO, SYSTEM, USER, Exchange, glm_dialogue,
+                                      split_answer)
 
 SETTINGS = ("S", "S→T")
 ALIASES = {"S": "S", "S2T": "S→T", "S→T": "S→T"}
@@ -112,6 +114,17 @@ def answer_speech_lm(lm: SpeechLM, speech: Stage1Speech, questions: Sequence[Seq
                                     allowed_ids=text_ids)
             out["S→T"] = [{"response": tok.decode(i).strip()} for i in ids]
         speech_prompts = [[*p, boa] for p in prompts]
+    elif lm.template == "streaming":  # text and speech interleaved in one answer, ended by <|user|>
+        prompts = [glm_dialogue(tok, [Exchange(user_codes=q)], "streaming")[0] for q in questions]
+        ids = _batched_generate(lm, prompts, batch_size, max_new_tokens=max_new_tokens + max_speech,
+                                stop_ids=[tok.token_to_id(USER), eos], allowed_ids=(0, speech_ids[1]))
+        parts = [split_answer(tok, i) for i in ids]
+        if "S→T" in settings:
+            out["S→T"] = [{"response": tok.decode(t).strip()} for t, _ in parts]
+        if "S" in settings:
+            heard = speech.transcribe([c for _, c in parts], batch_size=batch_size)
+            out["S"] = [{"response": h, "speech_tokens": len(c)} for h, (_, c) in zip(heard, parts)]
+        return out
     else:
         texts: list[str] = []
         if lm.template == "text_guided":

@@ -37,6 +37,7 @@ from lit_keomni.nn.keomni import KeOmni, llm_tokenizer
 from lit_keomni.nn.whisper import SpeechEncoder
 from lit_keomni.text.templates import KEOMNI_SYSTEM_PROMPT, KEOMNI_TRANSCRIBE_PROMPT, check_sft_options
 from lit_keomni.text.tokenizer import TextTokenizer
+from lit_keomni.release import check_lm_vocabulary, lm_source
 from lit_keomni.training import Stage, check_same_vocabulary, gather_lists
 
 EXPORT_KINDS = {"discrete": "speech_lm", "continuous": "keomni_lm"}
@@ -115,7 +116,8 @@ class SFT(Stage):
                 ``encoder_from``.
             speech_export: Stage-1 export: the speech tokens' codebook and the speech-extended tokenizer (used when
                 ``init_from`` is not an LM export, which brings its own tokenizer).
-            template: Discrete mode: "text_guided" or "direct" (seed 003 Appendix F).
+            template: Discrete mode: "text_guided" or "direct" (seed 003 Appendix F), or "streaming" (the released
+                glm-4-voice-9b's interleaved answers: fine-tune it in the format it was released with).
             encoder_from: Continuous mode: the frozen speech encoder, a stage-1 export (its 50 Hz layers below the
                 pooling) or a local Hugging Face Whisper folder (whisper-large-v3 in the paper).
             tokenizer: A released LLM's own vocabulary (a folder with ``tokenizer.json`` or GLM-4's
@@ -176,6 +178,9 @@ class SFT(Stage):
             return
         h = self.hparams
         self.text_tokenizer, self.speech_meta = self._tokenizer()
+        check_lm_vocabulary(h.init_from, self.text_tokenizer,
+                            f"model.speech_export={h.speech_export!r}, model.tokenizer={h.tokenizer!r}")
+        self.weights_source = lm_source(h.init_from)  # the released layout an export goes back to
         encoder = load_speech_encoder(h.encoder_from) if h.mode == "continuous" else None
         if encoder is not None and h.init_from and export_kind(h.init_from) == "keomni_lm":
             llm, adapter = self._from_keomni(h.init_from, encoder)
@@ -294,9 +299,10 @@ class SFT(Stage):
         if h.mode == "discrete":
             return write_export(out_dir, kind=EXPORT_KINDS["discrete"], config=config_dict(self.model_config),
                                 state_dict=state, files=files,
-                                extra={"stage": "sft", "template": h.template, "speech_tokenizer": self.speech_meta})
+                                extra={"stage": "sft", "template": h.template, "speech_tokenizer": self.speech_meta,
+                                       "weights_source": self.weights_source})
         extra = {"stage": "sft", "target": h.target, "encoder_from": str(Path(h.encoder_from).resolve()),
-                 "init_from": str(Path(h.init_from).resolve()) if h.init_from else None}
+                 "init_from": str(Path(h.init_from).resolve()) if h.init_from else None, "weights_source": self.weights_source}
         if self.speech_meta:
             extra["speech_tokenizer"] = self.speech_meta
         return write_export(out_dir, kind=EXPORT_KINDS["continuous"], config=self.model.config_dict(),

@@ -26,6 +26,7 @@ from lit_keomni.eval.asr import error_rate
 from lit_keomni.generate import generate
 from lit_keomni.lm import build_lm, flops_per_token, masked_lm_loss
 from lit_keomni.nn.transformer import Transformer
+from lit_keomni.release import check_lm_vocabulary, lm_source
 from lit_keomni.text.templates import END_AUDIO, tts
 from lit_keomni.training import Stage, check_same_vocabulary, gather_lists
 
@@ -92,6 +93,9 @@ class TextToToken(Stage):
         if self.model is not None:
             return
         self.text_tokenizer, self.speech_meta = lm_tokenizer(self.hparams.speech_export, self.hparams.tokenizer)
+        check_lm_vocabulary(self.hparams.init_from, self.text_tokenizer,
+                            f"model.speech_export={self.hparams.speech_export!r}, model.tokenizer={self.hparams.tokenizer!r}")
+        self.weights_source = lm_source(self.hparams.init_from)  # the released layout an export goes back to
         self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
         self.model_config = self.model.config
         self.flops_per_token = flops_per_token(self.model)  # for MFU
@@ -180,6 +184,7 @@ class TextToToken(Stage):
             config=config_dict(self.model_config),
             state_dict=state,
             extra={"speech_tokenizer": {"frame_rate_hz": m["frame_rate_hz"], "codebook_size": m["codebook_size"],
-                                        "export": str(Path(self.hparams.speech_export).resolve())}},
+                                        "export": str(Path(self.hparams.speech_export).resolve())},
+                   "weights_source": self.weights_source},
             files={"tokenizer": self.text_tokenizer.save},
         )

@@ -38,8 +38,18 @@ KEOMNI_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer the user's spo
 KEOMNI_TRANSCRIBE_PROMPT = "You are a speech recogniser. Write down exactly what the user says."
 """System prompt of the KE-Omni alignment task (``SFTDataModule(target="transcript")``): the answer is the user's own
 words, so the adapter learns to carry them into the LLM before the LLM learns to answer."""
+GLM_STREAMING_PROMPT = ("User will provide you with a speech instruction. Do it step by step. First, think about the "
+                        "instruction and respond in a interleaved manner, with 13 text token followed by 26 audio "
+                        "tokens. ")
+"""System prompt the released glm-4-voice-9b answers speech with (THUDM/GLM-4-Voice ``web_demo.py``), verbatim."""
+STREAMING_OPENING = "streaming_transcription\n"
+"""What follows ``<|assistant|>`` in the released model's prompt, before its interleaved answer."""
+STREAMING_TEXT, STREAMING_AUDIO = 13, 26
+"""The released model's answer alternates 13 text tokens and 26 speech tokens (~2 s of speech at 12.5 Hz)."""
+PREFIX_TOKENS = ("[gMASK]", "<sop>")
+"""GLM-4's sequence prefix: its tokenizer puts these before every prompt, and the model expects them."""
 SFT_TARGETS = ("answer", "transcript")
-DIALOGUE_MODES = ("direct", "text_guided")
+DIALOGUE_MODES = ("direct", "text_guided", "streaming")
 SFT_MODES = ("discrete", "continuous")
 
 
@@ -145,6 +155,8 @@ def glm_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange], mode: 
     """
     if mode not in DIALOGUE_MODES:
         raise ValueError(f"glm_dialogue: mode must be one of {DIALOGUE_MODES}, got {mode!r}")
+    if mode == "streaming":
+        return glm_streaming_dialogue(tokenizer, exchanges)
     pieces: list[tuple[str, bool]] = [(f"{SYSTEM}\n{system_prompt}\n", False)]
     for k, ex in enumerate(exchanges):
         if ex.user_codes is None:
@@ -163,6 +175,58 @@ def glm_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange], mode: 
                 raise ValueError(f"glm_dialogue: text_guided exchange {k} has no answer text")
             pieces.append((f"{ex.text}\n{ASSISTANT}\n{speech_string(ex.codes)}", True))
     return render(tokenizer, pieces)
+
+
+def interleave_answer(text_ids: Sequence[int], speech_ids: Sequence[int], text_chunk: int = STREAMING_TEXT,
+                      speech_chunk: int = STREAMING_AUDIO) -> list[int]:
+    """The released glm-4-voice-9b's answer order: ``text_chunk`` text ids, ``speech_chunk`` speech ids, again, until
+    both run out (the rest of the longer one follows in its chunks)."""
+    out: list[int] = []
+    for t in range(0, max(-(-len(text_ids) // text_chunk), -(-len(speech_ids) // speech_chunk))):
+        out += [*text_ids[t * text_chunk:(t + 1) * text_chunk], *speech_ids[t * speech_chunk:(t + 1) * speech_chunk]]
+    return out
+
+
+def split_answer(tokenizer: TextTokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """An interleaved answer's ids -> (its text ids, its speech-token codebook indices), each in order; other special
+    tokens are dropped."""
+    off, n = tokenizer.audio_token_offset, tokenizer.num_audio_tokens
+    speech = [int(i) - off for i in ids if off <= int(i) < off + n]
+    return [int(i) for i in ids if not off <= int(i) < off + n], speech
+
+
+def glm_streaming_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange],
+                           system_prompt: str = GLM_STREAMING_PROMPT) -> tuple[list[int], list[bool]]:
+    """The released glm-4-voice-9b's dialogue (THUDM/GLM-4-Voice ``web_demo.py`` + ``model_server.py``), multi-turn:
+
+    ``[gMASK]<sop><|system|>\n{prompt}<|user|>\n{speech}<|assistant|>streaming_transcription\n`` |
+    ``{13 text, 26 speech, 13 text, ...}<|user|>`` — the answer's text and speech interleaved (``interleave_answer``,
+    speech tokens without begin/end-of-audio), ended by ``<|user|>``, which also opens the next user turn
+    (``\n{speech}<|assistant|>streaming_transcription\n``). ``[gMASK]<sop>`` lead when the vocabulary has them
+    (GLM-4's tokenizer adds them to every prompt). An exchange whose ``codes`` are None ends the sequence with its
+    prompt, ready for generation.
+    """
+    prefix = "".join(t for t in PREFIX_TOKENS if tokenizer.backend.token_to_id(t) is not None)
+    ids: list[int] = []
+    mask: list[bool] = []
+    for k, ex in enumerate(exchanges):
+        if ex.user_codes is None:
+            raise ValueError(f"glm_streaming_dialogue: exchange {k} has no user speech tokens")
+        head = f"{prefix}{SYSTEM}\n{system_prompt}{USER}" if k == 0 else ""
+        prompt, _ = render(tokenizer, [(f"{head}\n{speech_string(ex.user_codes)}{ASSISTANT}{STREAMING_OPENING}", False)])
+        ids += prompt
+        mask += [False] * len(prompt)
+        if ex.codes is None:
+            if k != len(exchanges) - 1:
+                raise ValueError(f"glm_streaming_dialogue: only the last exchange may lack its answer (exchange {k})")
+            break
+        if ex.text is None:
+            raise ValueError(f"glm_streaming_dialogue: exchange {k} has no answer text")
+        answer = [*interleave_answer(tokenizer.encode(ex.text), tokenizer.speech_to_ids(ex.codes)),
+                  tokenizer.token_to_id(USER)]
+        ids += answer
+        mask += [True] * len(answer)
+    return ids, mask
 
 
 def keomni_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange],
