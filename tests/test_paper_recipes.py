@@ -42,7 +42,7 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("recipe, global_batch", [("stage1", 4096), ("stage2", 256), ("stage3", 1024),
-                                                   ("stage4", 64), ("stage4_keomni", 256)])
+                                                   ("stage4", 64), ("stage4_keomni", 256), ("stage4_glm4voice", 64)])
 def test_paper_recipe_launch_arithmetic(recipe, global_batch, capsys, monkeypatch):
     cfg = printed(PAPER / f"{recipe}.yaml", capsys, monkeypatch)
     t = cfg["trainer"]
@@ -114,6 +114,14 @@ def test_paper_speech_lm_is_glm_4_9b_with_speech_tokens(recipe, capsys, monkeypa
         model = Transformer(c.replace(vocab_size=vocab + speech))
     rows = model.config.padded_vocab_size - vocab
     assert n_params(model) == text_only + 2 * rows * h and rows - speech < c.padded_vocab_multiple
+
+
+def test_paper_stage4_glm4voice_fine_tunes_the_released_model_in_its_own_format(capsys, monkeypatch):
+    cfg = printed(PAPER / "stage4_glm4voice.yaml", capsys, monkeypatch)
+    m, d = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert m["template"] == d["template"] == "streaming" and m["mode"] == d["mode"] == "discrete"
+    assert m["init_from"] == m["tokenizer"] == d["tokenizer"] and m["speech_export"] == d["speech_export"]
+    assert (m["lr"], m["min_lr_ratio"]) == (5e-5, 0.1) and d["max_length"] == 4096
 
 
 def test_paper_stage4_keomni_is_whisper_large_v3_adapter_and_llama_3_1_8b(capsys, monkeypatch):
