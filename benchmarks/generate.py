@@ -6,7 +6,7 @@ same weights, in one process, with a greedy parity check.
 
 Builds our ``Transformer`` (``--preset``: the same "small" size as ``benchmarks/lm_train.py``, or any Llama-shaped
 ``TransformerConfig`` preset), random init at trained-like scales (matrices N(0, 1/fan_in), embedding N(0, 1)) so that
-greedy continuations are varied (~100 distinct tokens in 128) rather than one token repeated, exports it with ``lit_keomni.checkpoints.save_hf_llama`` to a temporary folder and
+greedy continuations are varied (~100 distinct tokens in 128) rather than one token repeated, exports it with ``lit_keomni.layouts.save_lm_folder`` to a temporary folder and
 loads that with ``transformers.LlamaForCausalLM.from_pretrained`` (SDPA attention): one set of weights, two
 implementations. Both decode the same batch of ``--batch`` random prompts of ``--prompt`` tokens, greedily, for exactly
 ``--new`` tokens with the KV cache: ours with no stop ids, HF with ``min_new_tokens = max_new_tokens``, no eos token and
@@ -32,7 +32,7 @@ import torch
 import transformers
 
 from common import SMALL_LM, machine_line
-from lit_keomni.checkpoints import save_hf_llama
+from lit_keomni.layouts import save_lm_folder
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.generate import generate
 from lit_keomni.nn.transformer import Transformer
@@ -69,7 +69,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        save_hf_llama(ours, cfg, tmp)
+        save_lm_folder(ours.state_dict(), cfg, tmp, "llama")
         hf = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=torch.float32)
     ours.to(device=device, dtype=dtype)
     hf.to(device=device, dtype=dtype).eval()

@@ -35,7 +35,7 @@ import transformers
 from torch import Tensor, nn
 
 from common import SMALL_LM, machine_line
-from lit_keomni.checkpoints import llama_to_hf
+from lit_keomni.layouts.hf_lm import to_hf
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.distributed import apply_compile
 from lit_keomni.nn.transformer import Transformer
@@ -109,7 +109,7 @@ def main() -> None:
 
     ours = Transformer(cfg)
     hf = transformers.LlamaForCausalLM(hf_config(cfg))
-    missing, unexpected = hf.load_state_dict(llama_to_hf(ours.state_dict(), cfg), strict=False)
+    missing, unexpected = hf.load_state_dict(to_hf(ours.state_dict(), cfg, "llama"), strict=False)
     if unexpected or [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]:
         raise SystemExit(f"weight copy into HF failed: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:

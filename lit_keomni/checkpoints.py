@@ -85,6 +85,14 @@ def export_kind(path: str | Path, *, expected: str = "expected an export folder"
     return None if kind is None else str(kind)
 
 
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """``path/config.json`` of a model folder, parsed; one error naming the file when missing or damaged."""
+    meta = _read_config(Path(path) / CONFIG_FILE, "expected a model folder", "not valid JSON")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: not a JSON object")
+    return meta
+
+
 def read_export_meta(path: str | Path, kind: str) -> dict[str, Any]:
     """Read and check ``config.json`` of an export folder (kind and version), with errors naming the file and field."""
     folder = Path(path)
@@ -269,161 +277,6 @@ def load_speech_tokenizer(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     return model.eval(), tokenizer, exp.meta
 
 
-# ---------------------------------------------------------------------------------------------------- HF Llama
-
-LLAMA_WEIGHT_MAP = (
-    ("embed.weight", "model.embed_tokens.weight"),
-    ("blocks.{}.attn_norm.weight", "model.layers.{}.input_layernorm.weight"),
-    ("blocks.{}.attn.q_proj.weight", "model.layers.{}.self_attn.q_proj.weight"),
-    ("blocks.{}.attn.k_proj.weight", "model.layers.{}.self_attn.k_proj.weight"),
-    ("blocks.{}.attn.v_proj.weight", "model.layers.{}.self_attn.v_proj.weight"),
-    ("blocks.{}.attn.o_proj.weight", "model.layers.{}.self_attn.o_proj.weight"),
-    ("blocks.{}.mlp_norm.weight", "model.layers.{}.post_attention_layernorm.weight"),
-    ("blocks.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.gate_proj.weight"),
-    ("blocks.{}.mlp.up_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
-    ("blocks.{}.mlp.down_proj.weight", "model.layers.{}.mlp.down_proj.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-)
-"""Our ``nn.transformer.Transformer`` name <-> HF ``LlamaForCausalLM`` name ({} = layer index). Both use the
-``rotate_half`` RoPE convention, so q/k weights need no permutation; only vocabulary rows are padded/trimmed."""
-
-_VOCAB_ROWS = ("embed.weight", "lm_head.weight")
-
-
-def _llama_rename(state: Mapping[str, Tensor], src: int, source: str) -> dict[str, Tensor]:
-    import re
-
-    patterns = [(re.compile("^" + re.escape(pair[src]).replace(r"\{\}", r"(\d+)") + "$"), pair[1 - src])
-                for pair in LLAMA_WEIGHT_MAP]
-    out = {}
-    for k, v in state.items():
-        for pattern, target in patterns:
-            m = pattern.match(k)
-            if m:
-                out[target.format(*m.groups())] = v
-                break
-        else:
-            raise ValueError(f"{source}: weight '{k}' has no counterpart (only LlamaForCausalLM layouts are mapped)")
-    return out
-
-
-def llama_from_hf(state: Mapping[str, Tensor], config: Any, *, source: str = "HF Llama state dict") -> dict[str, Tensor]:
-    """HF ``LlamaForCausalLM`` weights -> ``Transformer`` weights (vocab rows zero-padded to padded_vocab_size;
-    a tied checkpoint without ``lm_head.weight`` gets it from the embedding)."""
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        if not config.tie_embeddings:
-            raise ValueError(f"{source}: 'lm_head.weight' missing, but TransformerConfig field 'tie_embeddings' is False")
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    out = _llama_rename(state, 1, source)
-    for k in _VOCAB_ROWS:
-        w = out.get(k)
-        if w is not None and w.shape[0] != config.padded_vocab_size:
-            if w.shape[0] != config.vocab_size:
-                raise ValueError(f"{source}: '{k}' has {w.shape[0]} rows, TransformerConfig field 'vocab_size' is "
-                                 f"{config.vocab_size}")
-            out[k] = torch.cat([w, w.new_zeros(config.padded_vocab_size - w.shape[0], w.shape[1])])
-    return out
-
-
-def llama_to_hf(state: Mapping[str, Tensor], config: Any, *, source: str = "Transformer state dict") -> dict[str, Tensor]:
-    """``Transformer`` weights -> HF ``LlamaForCausalLM`` names (padding rows trimmed; tied head left out)."""
-    for field in ("bias", "rotary_dim_fraction"):
-        if getattr(config, field) != getattr(type(config), field):
-            raise ValueError(f"{source}: TransformerConfig field '{field}' is {getattr(config, field)}; HF Llama has "
-                             f"no such option (only the default {getattr(type(config), field)} maps)")
-    state = dict(state)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    out = _llama_rename(state, 0, source)
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):
-        if k in out:
-            out[k] = out[k][: config.vocab_size]
-    return out
-
-
-def _rope_scaling_from_hf(hf: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope base, llama3 scaling or None) from transformers v4 (``rope_theta``/``rope_scaling``) or v5
-    (``rope_parameters``) config fields."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {}) or params
-    base = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    if kind == "default":
-        return float(base), None
-    if kind != "llama3":
-        raise ValueError(f"{source}: field '{field}.rope_type' is {kind!r}; only 'default' and 'llama3' are supported")
-    from lit_keomni.configs import LLAMA3_ROPE_KEYS
-
-    missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
-    if missing:
-        raise ValueError(f"{source}: field '{field}' lacks {missing}")
-    return float(base), {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_ROPE_KEYS}}
-
-
-def transformer_config_from_hf(hf_config: Mapping[str, Any], *, source: str = "config.json") -> Any:
-    """HF ``LlamaConfig`` (a config.json dict) -> ``TransformerConfig``; unsupported options raise naming the field."""
-    from lit_keomni.configs import TransformerConfig
-
-    hf = dict(hf_config)
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"{source}: field 'model_type' is {hf['model_type']!r}; only 'llama' is supported")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if field not in hf:
-            raise ValueError(f"{source}: field '{field}' missing")
-    unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-    for field, want in unsupported.items():
-        if hf.get(field, want) != want:
-            raise ValueError(f"{source}: field '{field}' is {hf[field]!r}; only {want!r} is supported")
-    n_head = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
-    if head_dim * n_head != hf["hidden_size"]:
-        raise ValueError(f"{source}: field 'head_dim' is {head_dim}, but hidden_size / num_attention_heads = "
-                         f"{hf['hidden_size'] / n_head}; a separate head width is not supported")
-    rope_base, rope_scaling = _rope_scaling_from_hf(hf, source)
-    return TransformerConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"], n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, intermediate_size=hf["intermediate_size"],
-        rope_base=rope_base, rope_scaling=rope_scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), block_size=hf.get("max_position_embeddings", 2048),
-    )
-
-
-def load_hf_llama(folder: str | Path) -> tuple[Any, dict[str, Tensor]]:
-    """A local HF Llama folder -> (``TransformerConfig``, weights in our names, ready for ``load_state_checked``)."""
-    hf_config, state = read_hf_folder(folder)
-    config = transformer_config_from_hf(hf_config, source=str(Path(folder) / "config.json"))
-    return config, llama_from_hf(state, config, source=str(Path(folder)))
-
-
-def save_hf_llama(model: torch.nn.Module, config: Any, folder: str | Path) -> Path:
-    """Write ``model`` as a HF Llama folder (model.safetensors + config.json) that
-    ``transformers.LlamaForCausalLM.from_pretrained(folder)`` loads."""
-    out = Path(folder)
-    state = llama_to_hf(model.state_dict(), config, source=f"save_hf_llama({out})")
-    dtype = next(iter(state.values())).dtype
-    hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "rope_theta": config.rope_base, "torch_dtype": str(dtype).removeprefix("torch."),
-        # transformers >= 5 reads rope_parameters, 4.x reads rope_theta + rope_scaling: write both.
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base, **(config.rope_scaling or {})},
-    }
-    if config.rope_scaling is not None:
-        hf["rope_scaling"] = dict(config.rope_scaling)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    return out
-
-
 def lm_tokenizer(speech_export: str | Path, vocabulary: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
     """The vocabulary every LM stage uses, and the stage-1 export's metadata: the text tokenizer of the stage-1
     export, or ``vocabulary`` (a released LM's own: a folder with ``tokenizer.json`` or GLM-4's ``tokenizer.model``,
@@ -434,7 +287,10 @@ def lm_tokenizer(speech_export: str | Path, vocabulary: str | Path | None = None
 
     meta = read_export_meta(speech_export, "speech_tokenizer")
     tokenizer = read_vocabulary(vocabulary or Path(speech_export) / "tokenizer.json")
-    tokenizer.add_speech_tokens(int(meta["codebook_size"]))
+    try:
+        tokenizer.add_speech_tokens(int(meta["codebook_size"]))
+    except ValueError as e:  # the vocabulary's own speech tokens disagree with the codebook: name both files
+        raise ValueError(f"{e} ({Path(speech_export) / CONFIG_FILE} field 'codebook_size')") from None
     return tokenizer, meta
 
 

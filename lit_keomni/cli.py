@@ -56,8 +56,9 @@ def usage() -> str:
         "inference:",
         "  chat INPUT                 speech in, streamed speech out (--pipeline keomni|glm), timed; chat --help",
         "released models:",
+        "  import glm4voice-tokenizer DIR   GLM-4-Voice's speech tokenizer as a stage-1 export",
         "  import lm DIR              a released LM folder (+ --speech-export) as an LM export (chat, eval)",
-        "  release EXPORT --out DIR   an LM export in the released layout it came from (or --format)",
+        "  release EXPORT --out DIR   an export in the released layout it came from (LM: or --format)",
         "",
         "stages:",
         *(f"  {name}  {text}" for name, text in STAGES.items()),
@@ -259,6 +260,37 @@ def release_command(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
+def import_command(argv: list[str]) -> None:
+    from lit_keomni.release import IMPORT_STAGES, import_lm, import_speech_tokenizer
+    from lit_keomni.text.templates import DIALOGUE_MODES
+
+    p = argparse.ArgumentParser(prog="python -m lit_keomni import",
+                                description="Turn a released model folder (local; nothing is downloaded) into one of "
+                                            "our exports, which every later stage, chat and eval take.")
+    sub = p.add_subparsers(dest="what", required=True)
+    lm = sub.add_parser("lm", help="a released LM folder (Llama, Qwen2, Glm, Glm4, ChatGLM) + a stage-1 export -> an "
+                                   "LM export with the folder's own vocabulary")
+    lm.add_argument("folder", help="released LM folder: config.json, *.safetensors, tokenizer.json or tokenizer.model")
+    lm.add_argument("--speech-export", required=True, help="stage-1 export whose codes the LM's audio tokens are")
+    lm.add_argument("--out", required=True, help="export folder to write (replaced atomically)")
+    lm.add_argument("--stage", choices=IMPORT_STAGES, default="sft",
+                    help="the stage the export stands for (sft: chat and spoken-qa use its template)")
+    lm.add_argument("--template", choices=DIALOGUE_MODES, default="streaming",
+                    help="dialogue template of the released model (glm-4-voice-9b: streaming)")
+    st = sub.add_parser("glm4voice-tokenizer", help="GLM-4-Voice's released speech tokenizer folder -> a stage-1 "
+                                                    "export (tokenize, chat --pipeline glm, stage 1 init_from)")
+    st.add_argument("folder", help="released folder: config.json, model.safetensors, preprocessor_config.json")
+    st.add_argument("--out", required=True, help="export folder to write (replaced atomically)")
+    st.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json of the ASR decoder when the folder has none (whisper-large-v3's)")
+    a = p.parse_args(argv)
+    if a.what == "lm":
+        out = import_lm(a.folder, a.speech_export, a.out, stage=a.stage, template=a.template)
+    else:
+        out = import_speech_tokenizer(a.folder, a.out, tokenizer=a.tokenizer)
+    print(f"wrote {out}")
+
+
 def chat_command(argv: list[str]) -> None:
     from lit_keomni.chat import main as chat
 
@@ -267,7 +299,7 @@ def chat_command(argv: list[str]) -> None:
 
 COMMANDS = {"prepare": prepare_command, "tokenize": tokenize_command, "interleave": interleave_command,
             "eval": eval_command, "units": units_command, "align": align_command,
-            "chat": chat_command, "release": release_command}
+            "chat": chat_command, "import": import_command, "release": release_command}
 
 
 def main(argv: list[str] | None = None) -> None:

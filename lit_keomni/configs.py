@@ -86,6 +86,16 @@ class SpeechTokenizerConfig(_Registered):
     """CTC head slots per token frame (12.5 Hz frames are too few for one CTC label each)."""
     dropout: float = 0.0
     """Dropout in attention outputs and feed-forward layers."""
+    pool_mode: str = "valid"
+    """"valid": each pooled frame averages the valid 50 Hz frames of its window; "window": it averages all ``pool``
+    frames, padding included (GLM-4-Voice's ``AvgPool1d``; the released tokenizer's codes depend on it)."""
+    post_vq_positions: bool = False
+    """A learned position table added to the quantised states before the layers above the bottleneck (GLM-4-Voice's
+    ``embed_positions2``, initialised from the encoder's table)."""
+    feature_pad_multiple: int = 0
+    """Tokenizing (``tokenize``, ``chat``), each utterance's audio is zero-padded to a multiple of this many samples
+    and all of it enters the log-mel, as GLM-4-Voice's ``extract_speech_token`` pads for ``WhisperFeatureExtractor``
+    (1,280 = one 12.5 Hz token); 0 = every utterance is followed by silence (our ``LogMel``)."""
 
     frame_rate_hz: float = dataclasses.field(init=False, default=0.0)
     """Speech tokens per second (50 / pool)."""
@@ -112,6 +122,11 @@ class SpeechTokenizerConfig(_Registered):
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.pool < 1:
             raise ValueError(f"pool={self.pool} must be >= 1")
+        if self.pool_mode not in ("valid", "window"):
+            raise ValueError(f"pool_mode={self.pool_mode!r} must be 'valid' or 'window'")
+        if self.feature_pad_multiple < 0 or self.feature_pad_multiple % 160:
+            raise ValueError(f"feature_pad_multiple={self.feature_pad_multiple} must be 0 or a multiple of the "
+                             f"160-sample hop")
         self.frame_rate_hz = 50.0 / self.pool
         if self.block_seconds is None:
             self.block_frames = None
@@ -164,6 +179,9 @@ class TransformerConfig(_Registered):
     """Epsilon of every RMSNorm."""
     bias: bool = False
     """Bias on the query/key/value projections (GLM-4's add_qkv_bias; no bias on the output projection or MLP)."""
+    sandwich_norm: bool = False
+    """An extra RMSNorm on the attention and on the MLP output before each residual add (GLM-4-0414's
+    ``post_self_attn_layernorm`` / ``post_mlp_layernorm``, transformers' ``Glm4ForCausalLM``)."""
     tie_embeddings: bool = False
     """Share the input embedding matrix with the output head."""
     block_size: int = 256
@@ -200,7 +218,21 @@ class TransformerConfig(_Registered):
             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                               original_max_position_embeddings=8192),
         ),
+        # Qwen2.5 (Qwen/Qwen2.5-7B-Instruct, Qwen/Qwen2.5-0.5B-Instruct): q/k/v biases, full rotary, vocab_size = the
+        # released embedding rows; the 0.5B ties its head to the embedding.
+        "qwen2.5-7b": dict(
+            vocab_size=152064, n_layer=28, n_embd=3584, n_head=28, n_kv_head=4, intermediate_size=18944,
+            rope_base=1000000.0, norm_eps=1e-6, bias=True, block_size=32768,
+        ),
+        "qwen2.5-0.5b": dict(
+            vocab_size=151936, n_layer=24, n_embd=896, n_head=14, n_kv_head=2, intermediate_size=4864,
+            rope_base=1000000.0, norm_eps=1e-6, bias=True, tie_embeddings=True, block_size=32768,
+        ),
     }
+    # GLM-4-9B-Base (THUDM/glm-4-9b) is the network of the "glm-4-voice-9b" entry: that entry holds the text
+    # vocabulary (151,552 rows); glm-4-voice-9b's released checkpoint has 168,960 rows = 151,552 + 16,384 audio tokens
+    # + padding, which the speech stage adds (its vocab_size is the speech-extended tokenizer's).
+    presets["glm-4-9b"] = dict(presets["glm-4-voice-9b"])
 
     def __post_init__(self) -> None:
         name = type(self).__name__

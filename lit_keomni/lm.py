@@ -1,11 +1,14 @@
 """The language model every LM stage trains (text-to-token, pretrain, SFT): building it from a preset, a local
-Hugging Face Llama folder or an earlier stage's export, and its masked next-token loss.
+released LM folder or an earlier stage's export, and its masked next-token loss.
 
 ``init_from`` accepts
 - ``None``: random initialisation of the preset (CPU recipes);
-- a Hugging Face Llama-layout folder (``config.json`` + safetensors): a text LM whose embeddings are grown to the
-  speech-extended vocabulary (new rows start at the mean of the old ones, GLM-4-Voice §2.3);
-- an export folder of an LM stage (``config.json`` with ``kind``): its weights as they are (same vocabulary).
+- a released LM folder in one of ``layouts.LM_FORMATS`` (Llama, Qwen2, transformers' Glm/Glm4, THUDM's ChatGLM):
+  its rows are kept when the stage's tokenizer has no more tokens (GLM-4 pads its vocabulary to 151,552 rows and
+  glm-4-voice-9b already holds the 16,384 audio tokens), grown to the speech-extended vocabulary otherwise (new rows
+  start at the mean of the old ones, GLM-4-Voice §2.3);
+- an export folder of an LM stage (``config.json`` with ``kind``): its weights as they are; its rows may exceed the
+  tokenizer (a released LM's rows passed on), never fall short of it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_keomni.checkpoints import CONFIG_FILE, WEIGHTS_FILE, export_kind, llama_from_hf, load_export, load_hf_llama, load_state_checked
+from lit_keomni.checkpoints import CONFIG_FILE, WEIGHTS_FILE, export_kind, load_export, load_state_checked
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.nn.transformer import Transformer
 
-_INIT_FROM = "init_from must be a Hugging Face Llama folder or an LM export folder"
+_INIT_FROM = "init_from must be a released LM folder (Llama, Qwen2, Glm, Glm4, ChatGLM) or an LM export folder"
 LM_EXPORT_KINDS = ("text_to_token", "speech_lm")
 """Export kinds holding a ``Transformer`` + its speech-extended tokenizer."""
 
@@ -46,19 +49,19 @@ def build_lm(config: TransformerConfig, vocab_size: int, init_from: str | None =
             raise ValueError(f"{Path(init_from) / CONFIG_FILE}: field 'kind' is {kind!r}, expected one of {LM_EXPORT_KINDS}")
         exp = load_export(init_from, kind)
         loaded = TransformerConfig.from_dict(exp.config, source=str(exp.path / CONFIG_FILE))
-        if loaded.vocab_size != vocab_size:
+        if loaded.vocab_size < vocab_size:
             raise ValueError(f"{exp.path / CONFIG_FILE}: field 'vocab_size' is {loaded.vocab_size}, but this stage's "
-                             f"tokenizer has {vocab_size} tokens (found vs expected)")
+                             f"tokenizer has {vocab_size} tokens (found vs expected; rows for every token needed)")
         model = Transformer(loaded.replace(**kept))
         load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
         return model
-    hf_config, state = load_hf_llama(init_from)
-    model = Transformer(hf_config.replace(**kept))
-    model.load_state_dict(llama_from_hf(state, model.config, source=init_from))
-    if vocab_size < model.config.vocab_size:
-        raise ValueError(f"{init_from}: the LM has {model.config.vocab_size} tokens but the stage's tokenizer only "
-                         f"{vocab_size}: give stage 1 the LM's tokenizer.json")
-    model.resize_token_embeddings(vocab_size)
+    from lit_keomni.layouts import load_lm_folder
+
+    released, state, _ = load_lm_folder(init_from)
+    model = Transformer(released.replace(**kept))
+    load_state_checked(model, state, str(Path(init_from) / WEIGHTS_FILE))
+    if vocab_size > model.config.vocab_size:
+        model.resize_token_embeddings(vocab_size)
     return model
 
 

@@ -14,9 +14,12 @@ SGLang and the reference code load the fine-tuned model as they loaded the relea
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lit_keomni.atomic import staged_dir
 from lit_keomni.checkpoints import (CONFIG_FILE, export_kind, load_export, lm_tokenizer, read_export_meta,
@@ -75,11 +78,12 @@ def import_lm(folder: str | Path, speech_export: str | Path, out: str | Path, *,
     """A released LM folder -> a ``speech_lm`` export (weights in our names, the folder's own vocabulary extended
     with ``speech_export``'s speech tokens where they are missing). ``stage`` "sft" marks a spoken-dialogue model
     (glm-4-voice-9b) that ``chat --pipeline glm`` answers with in ``template``; "pretrain" a speech LM for ``eval``."""
-    from lit_keomni.layouts import load_lm_folder
+    from lit_keomni.layouts import lm_format, load_lm_folder
     from lit_keomni.lm import build_lm
 
     if stage not in IMPORT_STAGES:
         raise ValueError(f"import lm: stage must be one of {IMPORT_STAGES}, got {stage!r}")
+    lm_format(folder)  # another architecture: one error naming config.json's field, before anything else is read
     if vocabulary_file(folder) is None:
         raise FileNotFoundError(f"{folder}: no vocabulary (expected one of {VOCABULARY_FILES})")
     tokenizer, meta = lm_tokenizer(speech_export, folder)
@@ -97,18 +101,138 @@ def import_lm(folder: str | Path, speech_export: str | Path, out: str | Path, *,
                         extra=extra, files={"tokenizer": tokenizer.save})
 
 
+SPEECH_TOKENIZER_FORMAT = "glm4voice-tokenizer"
+"""The released speech-tokenizer layout: GLM-4-Voice's ``WhisperVQForConditionalGeneration``."""
+
+
+def import_speech_tokenizer(folder: str | Path, out: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+    """GLM-4-Voice's released speech tokenizer folder -> a stage-1 export (``tokenize``, ``chat --pipeline glm``,
+    stage 2 data, and stage 1's ``init_from`` to fine-tune it). The ASR decoder's vocabulary is the folder's
+    ``tokenizer.json`` or ``tokenizer`` (whisper-large-v3's, whose vocabulary the released tokenizer keeps)."""
+    from lit_keomni.layouts import glm4voice_tokenizer as layout
+
+    model, text_tokenizer, _ = load_released_speech_tokenizer(folder, tokenizer)
+    c = model.config
+    return write_export(
+        out, kind="speech_tokenizer", config=config_dict(c), state_dict=model.state_dict(),
+        extra={"frame_rate_hz": c.frame_rate_hz, "codebook_size": c.codebook_size, "sample_rate": layout.SAMPLE_RATE,
+               "vq_active": True, "weights_source": {"format": SPEECH_TOKENIZER_FORMAT,
+                                                     "folder": str(Path(folder).resolve())}},
+        files={"tokenizer": text_tokenizer.save})
+
+
+def load_released_speech_tokenizer(folder: str | Path, tokenizer: str | Path | None = None) -> tuple[Any, Any, dict]:
+    """(``SpeechTokenizerModel`` with the released weights, the ASR ``TextTokenizer``, the released config.json);
+    decoder rows are added for special tokens our tokenizer appends (at the mean embedding, as stage 1 does for
+    Whisper). Every wrong input is one error naming the file and field or weight."""
+    from lit_keomni.checkpoints import load_state_checked, read_hf_folder
+    from lit_keomni.layouts import glm4voice_tokenizer as layout
+    from lit_keomni.nn.whisper import SpeechTokenizerModel
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    folder = Path(folder)
+    cfg = folder / CONFIG_FILE
+    hf, state = read_hf_folder(folder)
+    if "kind" in hf:
+        raise ValueError(f"{cfg}: field 'kind' is {hf['kind']!r}: an export folder of ours, not a released tokenizer")
+    if not layout.is_released_tokenizer(hf):
+        raise ValueError(f"{cfg}: field 'architectures' is {hf.get('architectures')!r} and 'quantize_vocab_size' is "
+                         f"missing; expected GLM-4-Voice's speech tokenizer ({layout.ARCHITECTURES[0]})")
+    config = layout.config_from_released(hf, source=str(cfg))
+    fe = folder / "preprocessor_config.json"
+    if fe.is_file():
+        layout.check_feature_extractor(json.loads(fe.read_text(encoding="utf-8")), config, str(fe))
+    vocab = Path(tokenizer) if tokenizer else folder / "tokenizer.json"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"{vocab}: missing; the ASR decoder needs its vocabulary: give --tokenizer the "
+                                f"tokenizer.json of whisper-large-v3 (the released tokenizer keeps its vocabulary)")
+    text_tokenizer = asr_vocabulary(vocab)
+    if text_tokenizer.vocab_size < config.vocab_size:
+        raise ValueError(f"{vocab}: {text_tokenizer.vocab_size} tokens, but {cfg} field 'vocab_size' is "
+                         f"{config.vocab_size}: not the vocabulary the decoder was trained with")
+    ours = layout.from_released(state, config, source=str(folder / "model.safetensors"))
+    config = config.replace(vocab_size=text_tokenizer.vocab_size)
+    emb = ours["decoder.embed_tokens.weight"]
+    if emb.shape[0] < config.vocab_size:
+        extra = emb.mean(0, keepdim=True).expand(config.vocab_size - emb.shape[0], -1)
+        ours["decoder.embed_tokens.weight"] = torch.cat([emb, extra])
+    model = SpeechTokenizerModel(config)
+    load_state_checked(model, ours, str(folder / "model.safetensors"), allow_missing=("ctc_head.",))
+    return model.eval(), text_tokenizer, hf
+
+
+WHISPER_END = "<|endoftext|>"
+
+
+def asr_vocabulary(path: Path) -> Any:
+    """The released tokenizer's ASR vocabulary with its own roles, so no token is added and the decoder keeps its
+    rows: those its ``tokenizer_config.json`` names, else Whisper's (``<|endoftext|>`` for pad, bos and eos, as
+    Whisper's tokenizer_config.json gives them); a vocabulary with neither gets ours appended."""
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    if path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
+        return TextTokenizer.from_folder(path.parent)
+    tokenizer = TextTokenizer.from_file(path)
+    backend = tokenizer.backend
+    if tokenizer.released_format is None and backend.token_to_id(WHISPER_END) is not None:
+        from tokenizers import Tokenizer
+
+        return TextTokenizer(Tokenizer.from_file(str(path)), roles=dict.fromkeys(("pad", "bos", "eos"), WHISPER_END),
+                             released={"format": "tokenizer.json", "config": {}}, source=str(path))
+    return tokenizer
+
+
+def release_speech_tokenizer(export: str | Path, out: str | Path) -> Path:
+    """A stage-1 export of a released tokenizer's network (its import, or stage 1 fine-tuned from it) -> the released
+    layout (config.json, model.safetensors, preprocessor_config.json, the ASR vocabulary), which GLM-4-Voice's
+    ``load_quantize_encoder`` / ``WhisperVQForConditionalGeneration.from_pretrained`` load."""
+    from safetensors.torch import save_file
+
+    from lit_keomni.configs import SpeechTokenizerConfig
+    from lit_keomni.layouts import glm4voice_tokenizer as layout
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    exp = load_export(export, "speech_tokenizer")
+    cfg = exp.path / CONFIG_FILE
+    config = SpeechTokenizerConfig.from_dict(exp.config, source=str(cfg))
+    try:
+        hf = layout.released_config_json(config, next(iter(exp.state_dict.values())).dtype)
+    except ValueError as e:
+        raise ValueError(f"{cfg}: {e}") from None
+    state = layout.to_released(exp.state_dict, config)
+    source = exp.meta.get("weights_source") or {}
+    with staged_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(layout.feature_extractor_json(config), indent=2)
+                                                      + "\n", encoding="utf-8")
+        TextTokenizer.from_file(exp.path / "tokenizer.json").backend.save(str(tmp / "tokenizer.json"))
+        origin = Path(source["folder"]) if source.get("folder") else None
+        if origin is not None and origin.is_dir():
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                         "merges.txt", "normalizer.json"):
+                if (origin / name).is_file() and not (tmp / name).exists():
+                    shutil.copy2(origin / name, tmp / name)
+    return Path(out)
+
+
 def release(export: str | Path, out: str | Path, fmt: str | None = None) -> Path:
-    """Write the LM export ``export`` into ``out`` in a released layout: ``fmt`` (one of ``LM_FORMATS``), by default
-    the layout its weights came from (the ``weights_source`` it records). Atomic: ``out`` appears whole or not at
-    all."""
+    """Write the export ``export`` into ``out`` in a released layout. An LM export: ``fmt`` (one of
+    ``LM_FORMATS``), by default the layout its weights came from (the ``weights_source`` it records). A stage-1
+    export: GLM-4-Voice's speech-tokenizer layout. Atomic: ``out`` appears whole or not at all."""
     from lit_keomni.layouts import LM_FORMATS, save_lm_folder
     from lit_keomni.lm import LM_EXPORT_KINDS
     from lit_keomni.text.tokenizer import TextTokenizer
 
     cfg = Path(export) / CONFIG_FILE
-    kind = export_kind(export, expected="expected an LM export (stage 2, 3 or 4, discrete mode)")
+    kind = export_kind(export, expected="expected an LM export (stage 2, 3 or 4, discrete mode) or a stage-1 export")
+    if kind == "speech_tokenizer":
+        if fmt not in (None, SPEECH_TOKENIZER_FORMAT):
+            raise ValueError(f"release: a stage-1 export goes out as {SPEECH_TOKENIZER_FORMAT!r}, not {fmt!r}")
+        return release_speech_tokenizer(export, out)
     if kind not in LM_EXPORT_KINDS:
-        raise ValueError(f"{cfg}: field 'kind' is {kind!r}, expected one of {LM_EXPORT_KINDS}")
+        raise ValueError(f"{cfg}: field 'kind' is {kind!r}, expected one of {LM_EXPORT_KINDS} or 'speech_tokenizer'")
     exp = load_export(export, kind)
     source = exp.meta.get("weights_source") or {}
     fmt = fmt or source.get("format")

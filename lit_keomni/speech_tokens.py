@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from litdata import StreamingDataset
 
 from datamodules.streaming import SPLITS, chunks_dir, write_chunks, write_items
@@ -45,11 +46,34 @@ class SpeechTokenEncoder:
 
     @torch.no_grad()
     def __call__(self, wavs: list[torch.Tensor]) -> list[np.ndarray]:
-        lengths = torch.tensor([len(w) for w in wavs])
-        audio = torch.zeros(len(wavs), -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        """Codes of each utterance. One longer than the encoder's window (30 s) is cut into windows encoded on their
+        own and concatenated, as GLM-4-Voice's ``extract_speech_token`` does."""
+        window = self.model.config.max_source_positions * 2 * self.logmel.hop_length
+        pieces, owner, pad_to = [], [], []
         for i, w in enumerate(wavs):
-            audio[i, : len(w)] = w
-        mel, mel_lengths = self.logmel(audio.to(self.device), lengths.to(self.device))
+            starts = range(0, max(len(w), 1), window)
+            for start in starts:
+                pieces.append(w[start : start + window])
+                owner.append(i)
+                pad_to.append(window if len(starts) > 1 else 0)  # the pieces of one recording: padded to the longest
+        codes = self._encode(pieces, pad_to)
+        out: list[list[np.ndarray]] = [[] for _ in wavs]
+        for i, c in zip(owner, codes):
+            out[i].append(c)
+        return [np.concatenate(c) for c in out]
+
+    def _encode(self, wavs: list[torch.Tensor], pad_to: list[int]) -> list[np.ndarray]:
+        multiple = self.model.config.feature_pad_multiple
+        if multiple:
+            mel, mel_lengths = self.logmel.padded(wavs, multiple, pad_to)
+            frames = -(-mel.shape[-1] // (PAD_MULTIPLE // self.logmel.hop_length)) * (PAD_MULTIPLE // self.logmel.hop_length)
+            mel = F.pad(mel, (0, frames - mel.shape[-1]), value=float(mel.min()))
+        else:
+            lengths = torch.tensor([len(w) for w in wavs])
+            audio = torch.zeros(len(wavs), -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+            for i, w in enumerate(wavs):
+                audio[i, : len(w)] = w
+            mel, mel_lengths = self.logmel(audio.to(self.device), lengths.to(self.device))
         codes, code_lengths = self.model.encode_tokens(mel, mel_lengths)
         return [c[:n].to(torch.int32).cpu().numpy() for c, n in zip(codes, code_lengths.tolist())]
 

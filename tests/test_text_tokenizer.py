@@ -172,3 +172,17 @@ def test_invalid_file_names_path(tmp_path: Path) -> None:
 def test_empty_corpus_rejected() -> None:
     with pytest.raises(ValueError, match="texts"):
         TextTokenizer.train(["", ""])
+
+
+def test_own_tokenizer_through_from_folder_and_save_released(tok: TextTokenizer, tmp_path: Path) -> None:
+    """Our exports keep today's layout: from_folder reads them as from_file does, save_released is save."""
+    tok.save(tmp_path / "export")
+    loaded = TextTokenizer.from_folder(tmp_path / "export")
+    assert loaded.released_format is None
+    assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("<|pad|>", "<|bos|>", "<|eos|>")
+    assert loaded.encode_batch(CORPUS) == tok.encode_batch(CORPUS)
+    assert loaded.encode(CORPUS[0], add_special_tokens=True) == tok.encode(CORPUS[0])  # no post-processor: no bos
+    assert loaded.save_released(tmp_path / "out") == tmp_path / "out" / "tokenizer.json"
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "export" / "tokenizer.json").read_bytes()
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert "released" not in config and config["eos_token"] == "<|eos|>"

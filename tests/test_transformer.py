@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from lit_keomni.checkpoints import load_hf_llama, load_state_checked, save_hf_llama, transformer_config_from_hf
+from lit_keomni.checkpoints import load_state_checked
 from lit_keomni.configs import TransformerConfig
+from lit_keomni.layouts import load_lm_folder, save_lm_folder
+from lit_keomni.layouts.hf_lm import transformer_config_from_hf
 from lit_keomni.nn.transformer import Transformer
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -45,7 +47,8 @@ ROPES = {
 def test_hf_llama_parity_both_ways(tmp_path, rope, tied):
     transformers, hf = _hf_llama(tied, **ROPES[rope])
     hf.save_pretrained(tmp_path / "hf")
-    config, state = load_hf_llama(tmp_path / "hf")
+    config, state, fmt = load_lm_folder(tmp_path / "hf")
+    assert fmt == "llama"
     assert config.tie_embeddings == tied and config.padded_vocab_size == 128
     if rope == "llama3":
         assert config.rope_base == 500000.0 and config.rope_scaling["factor"] == 8.0
@@ -64,7 +67,7 @@ def test_hf_llama_parity_both_ways(tmp_path, rope, tied):
         with torch.no_grad():
             assert (plain(x)[..., :100] - want).abs().max() > 1e-3
 
-    save_hf_llama(ours, config, tmp_path / "ours")
+    save_lm_folder(ours.state_dict(), config, tmp_path / "ours", "llama")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, want, rtol=1e-5, atol=1e-5)
@@ -237,6 +240,7 @@ def test_preset_parameter_counts(name):
         m = Transformer(c)
     n = sum(p.numel() for p in m.parameters())
     assert n == expected_params(c)
-    approx = {"llama-3.1-8b": 8.03e9, "glm-4-voice-9b": 9.40e9, "text-to-token-1.5b": 1.59e9}
+    approx = {"llama-3.1-8b": 8.03e9, "glm-4-voice-9b": 9.40e9, "glm-4-9b": 9.40e9, "text-to-token-1.5b": 1.59e9,
+              "qwen2.5-7b": 7.62e9, "qwen2.5-0.5b": 0.494e9}
     if name in approx:
         assert abs(n / approx[name] - 1) < 0.01, n

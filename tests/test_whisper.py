@@ -16,23 +16,24 @@ def tiny(**kw) -> SpeechTokenizerConfig:
     return SpeechTokenizerConfig(**{**base, **kw})
 
 
-def test_parity_with_transformers_whisper(tmp_path):
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_parity_with_transformers_whisper(tmp_path, n_mels):
     torch.manual_seed(0)
     hf_cfg = transformers.WhisperConfig(
         d_model=64, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80, vocab_size=100, max_source_positions=50,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=n_mels, vocab_size=100, max_source_positions=50,
         max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )
     hf = transformers.WhisperForConditionalGeneration(hf_cfg).eval()
     hf.save_pretrained(tmp_path)  # safetensors, as a user's local folder would hold
     config, state = read_hf_folder(tmp_path)
-    ours_cfg = tiny(causal_conv=False, block_seconds=None, pool=1, vq=False)
+    ours_cfg = tiny(n_mels=n_mels, causal_conv=False, block_seconds=None, pool=1, vq=False)
     check_hf_whisper_config(config, ours_cfg.to_dict(), "hf")
     ours = SpeechTokenizerModel(ours_cfg).eval()
     missing, unexpected = ours.load_state_dict(whisper_from_hf(state), strict=False)
     assert not unexpected and all(k.startswith("ctc_head.") for k in missing)
 
-    mel = torch.randn(2, 80, 100)
+    mel = torch.randn(2, n_mels, 100)
     tokens = torch.randint(3, 100, (2, 7))
     with torch.no_grad():
         ref = hf(input_features=mel, decoder_input_ids=tokens)

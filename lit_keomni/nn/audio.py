@@ -122,6 +122,38 @@ class LogMel(nn.Module):
         return (log_spec + 4.0) / 4.0, mel_lengths
 
 
+    def padded(self, wavs: list[Tensor], multiple: int, pad_to: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Features of each utterance zero-padded to a multiple of ``multiple`` samples and measured whole, as
+        ``WhisperFeatureExtractor(padding="longest", pad_to_multiple_of=multiple, return_attention_mask=True)`` gives
+        them for the utterance alone (centred STFT with reflection at both ends, the floor from the loudest frame of
+        the padded audio): GLM-4-Voice's ``extract_speech_token``. Utterances are computed one by one, so a batch
+        gives each one's own features. ``pad_to`` (per utterance) pads to at least that many samples, as the
+        extractor pads the pieces of one long recording to the longest of them.
+
+        Returns:
+            (mel (B, n_mels, T) with T the longest padded utterance's frames, mel_lengths (B,) = frames whose first
+            sample is audio, ``ceil(len / hop)``, as the extractor's attention mask counts them).
+        """
+        if multiple % self.hop_length:
+            raise ValueError(f"LogMel.padded: multiple={multiple} is not a multiple of hop_length={self.hop_length}")
+        feats, lengths = [], []
+        with torch.autocast(device_type=self.window.device.type, enabled=False):
+            for i, w in enumerate(wavs):
+                n = int(w.shape[-1])
+                total = -(-max(n, 1, pad_to[i] if pad_to else 0) // multiple) * multiple
+                x = F.pad(w.float().reshape(-1).to(self.window.device), (0, total - n))
+                spec = torch.stft(x, self.n_fft, self.hop_length, window=self.window, center=True,
+                                  pad_mode="reflect", return_complex=True)
+                log_spec = torch.clamp(self.filters @ spec[..., :-1].abs().pow(2), min=1e-10).log10()
+                log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+                feats.append((log_spec + 4.0) / 4.0)
+                lengths.append(-(-n // self.hop_length))
+        frames = max(f.shape[-1] for f in feats)
+        # frames past an utterance's padded end are never valid and lie in pooling windows of their own
+        mel = torch.stack([F.pad(f, (0, frames - f.shape[-1]), value=float(f.min())) for f in feats])
+        return mel, torch.tensor(lengths, device=mel.device)
+
+
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample ``wav`` (S,) or (S, C) from ``orig_sr`` to ``target_sr`` with soxr (high quality); float32 out."""
     wav = np.asarray(wav, dtype=np.float32)

@@ -166,11 +166,14 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
+        # GLM-4-0414 normalises each branch's output too ("sandwich"); Identity keeps the other models' state dicts.
+        self.attn_post_norm = RMSNorm(config.n_embd, config.norm_eps) if config.sandwich_norm else nn.Identity()
+        self.mlp_post_norm = RMSNorm(config.n_embd, config.norm_eps) if config.sandwich_norm else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
                 slots: Tensor | None = None, kv_length: int = 0) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, slots, kv_length)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, mask, is_causal, slots, kv_length))
+        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -207,8 +210,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.config.n_layer) if scaled else std)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
-            block.attn_norm.reset_parameters()
-            block.mlp_norm.reset_parameters()
+            for norm in (block.attn_norm, block.mlp_norm, block.attn_post_norm, block.mlp_post_norm):
+                if isinstance(norm, RMSNorm):
+                    norm.reset_parameters()
         self.norm.reset_parameters()
 
     init_weights = reset_parameters

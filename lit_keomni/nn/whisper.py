@@ -145,6 +145,13 @@ class SpeechEncoder(nn.Module):
         )
         self.use_vq = c.vq
         """Training may run without the bottleneck first (ASR warm-up) and switch it on later."""
+        if c.post_vq_positions:  # GLM-4-Voice's embed_positions2: a copy of the encoder's table, then trained
+            rows = -(-c.max_source_positions // c.pool)
+            self.post_vq_positions = nn.Embedding(rows, c.d_model)
+            with torch.no_grad():
+                self.post_vq_positions.weight.copy_(self.embed_positions.weight[:rows])
+        else:
+            self.post_vq_positions = None
 
     def _stem(self, mel: Tensor, mel_lengths: Tensor) -> tuple[Tensor, Tensor]:
         # Causal: pad 2 frames on the left only, so output t depends on inputs <= its own position.
@@ -166,10 +173,11 @@ class SpeechEncoder(nn.Module):
             return x, valid
         B, T, D = x.shape
         pad = (-T) % k
-        x = F.pad(x * valid[..., None], (0, 0, 0, pad))
         v = F.pad(valid.to(x.dtype), (0, pad))
-        total = x.view(B, -1, k, D).sum(2)
         count = v.view(B, -1, k).sum(2)
+        if self.config.pool_mode == "window":  # every frame of the window, padding too (GLM-4-Voice's AvgPool1d)
+            return F.pad(x, (0, 0, 0, pad)).view(B, -1, k, D).mean(2), count > 0
+        total = F.pad(x * valid[..., None], (0, 0, 0, pad)).view(B, -1, k, D).sum(2)
         return total / count.clamp(min=1)[..., None], count > 0
 
     def forward(self, mel: Tensor, mel_lengths: Tensor, *, stop_at_tokens: bool = False) -> EncoderOutput:
@@ -194,6 +202,11 @@ class SpeechEncoder(nn.Module):
     def _above(self, x: Tensor, valid: Tensor) -> Tensor:
         """Layers above the bottleneck, at the token rate, then the final norm."""
         c = self.config
+        if self.post_vq_positions is not None:
+            if x.shape[1] > self.post_vq_positions.num_embeddings:
+                raise ValueError(f"{x.shape[1]} token frames exceed the {self.post_vq_positions.num_embeddings} "
+                                 f"post-VQ positions (max_source_positions={c.max_source_positions})")
+            x = x + self.post_vq_positions.weight[: x.shape[1]].to(x.dtype)
         mask = attention_mask(valid, None if c.block_frames is None else c.block_frames // c.pool)
         for layer in self.layers[c.vq_position :]:
             x = layer(x, mask)

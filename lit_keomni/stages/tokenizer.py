@@ -114,10 +114,14 @@ class SpeechTokenizer(L.LightningModule):
         self.aug_gen = torch.Generator().manual_seed(0)
         self._kmeans_feats: list[Tensor] = []
         self._val: dict[str, list] = {}
+        self._weights_source: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
         if self.model is not None:
+            return
+        if self.hparams.init_from and self._init_from_speech_tokenizer(self.hparams.init_from):
+            shard_or_compile(self, self.model, [*self.model.encoder.layers, *self.model.decoder.layers])
             return
         path = Path(self.hparams.tokenizer)
         if not path.is_file():
@@ -130,6 +134,36 @@ class SpeechTokenizer(L.LightningModule):
         if self.hparams.vq_start > 0 and self.model.encoder.quantizer is not None:
             self.model.encoder.use_vq = False
         shard_or_compile(self, self.model, [*self.model.encoder.layers, *self.model.decoder.layers])  # FSDP2 per block under ModelParallelStrategy
+
+    def _init_from_speech_tokenizer(self, folder: str) -> bool:
+        """``init_from`` a trained speech tokenizer: GLM-4-Voice's released folder or a stage-1 export (e.g. its
+        import). Its network, codebook (which seeds the EMA state) and ASR vocabulary are taken as they are, the VQ
+        is on from the first step; False for a plain Whisper folder."""
+        from lit_keomni.checkpoints import export_kind, load_speech_tokenizer, read_config_json, read_export_meta
+        from lit_keomni.layouts.glm4voice_tokenizer import is_released_tokenizer
+        from lit_keomni.release import SPEECH_TOKENIZER_FORMAT, load_released_speech_tokenizer
+
+        kind = export_kind(folder)
+        if kind is not None:
+            if kind != EXPORT_KIND:
+                raise ValueError(f"{Path(folder) / 'config.json'}: field 'kind' is {kind!r}; model.init_from takes a "
+                                 f"Whisper folder, GLM-4-Voice's speech tokenizer or a {EXPORT_KIND!r} export")
+            model, tokenizer, meta = load_speech_tokenizer(folder)
+            self._weights_source = read_export_meta(folder, EXPORT_KIND).get("weights_source")
+        else:
+            if not is_released_tokenizer(read_config_json(folder)):
+                return False
+            own = Path(folder) / "tokenizer.json"
+            model, tokenizer, _ = load_released_speech_tokenizer(folder, None if own.is_file() else self.hparams.tokenizer)
+            self._weights_source = {"format": SPEECH_TOKENIZER_FORMAT, "folder": str(Path(folder).resolve())}
+        if self.hparams.overrides:
+            raise ValueError(f"model.overrides {sorted(self.hparams.overrides)} cannot change the network of "
+                             f"model.init_from={folder}; leave them out")
+        self.text_tokenizer, self.model = tokenizer, model.train()
+        self.model_config = model.config
+        self.model.encoder.use_vq = True
+        self.logmel = LogMel(n_mels=self.model_config.n_mels).to(self.logmel.filters.device)
+        return True
 
     def _load_hf_whisper(self, folder: str) -> None:
         hf_config, state = read_hf_folder(folder)
@@ -147,7 +181,9 @@ class SpeechTokenizer(L.LightningModule):
         load_state_checked(self.model, state, folder, allow_missing=("encoder.quantizer.", "ctc_head."))
 
     # ------------------------------------------------------------------ steps
-    def _targets(self, texts: list[str]) -> Tensor:
+    def _targets(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """(B, L) bos + transcript + eos padded with pad, and the (B,) row lengths (a released vocabulary's pad may be
+        its eos, so padding is told by position, not by id)."""
         tok = self.text_tokenizer
         rows = [[tok.bos_id, *tok.encode(t), tok.eos_id] for t in texts]
         limit = self.model_config.max_target_positions + 1
@@ -157,24 +193,25 @@ class SpeechTokenizer(L.LightningModule):
         out = torch.full((len(rows), max(map(len, rows))), tok.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r)
-        return out.to(self.device)
+        return out.to(self.device), torch.tensor([len(r) for r in rows], device=self.device)
 
     def _losses(self, batch: dict[str, Any], augment: bool) -> dict[str, Tensor]:
         mel, mel_lengths = self.logmel(batch["audio"], batch["audio_lengths"])
         if augment:
             mel = spec_augment(mel, mel_lengths, self.aug_gen, 2, 10, 2, 25)
-        tokens = self._targets(batch["text"])
+        tokens, lengths = self._targets(batch["text"])
         logits, enc = self.model(mel, mel_lengths, tokens[:, :-1])
         pad = self.text_tokenizer.pad_id
-        target = tokens[:, 1:].masked_fill(tokens[:, 1:] == pad, -100)
+        padding = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None] >= (lengths - 1)[:, None]
+        target = tokens[:, 1:].masked_fill(padding, -100)
         out = {"asr_loss": F.cross_entropy(logits.float().flatten(0, 1), target.flatten())}
         loss = out["asr_loss"]
         if self.hparams.ctc_weight > 0:
             ctc_logits, ctc_lengths = self.model.ctc_logits(enc)
-            lab = tokens[:, 1:]
-            lab_lengths = (lab != pad).sum(1) - 1  # without the end token
-            out["ctc_loss"] = F.ctc_loss(ctc_logits.float().log_softmax(-1).transpose(0, 1), lab.masked_fill(lab == pad, 0),
-                                         ctc_lengths, lab_lengths, blank=pad, zero_infinity=True)
+            lab_lengths = lengths - 2  # without the start and end tokens
+            out["ctc_loss"] = F.ctc_loss(ctc_logits.float().log_softmax(-1).transpose(0, 1),
+                                         tokens[:, 1:].masked_fill(padding, 0), ctc_lengths, lab_lengths, blank=pad,
+                                         zero_infinity=True)
             loss = loss + self.hparams.ctc_weight * out["ctc_loss"]
         if enc.vq is not None:
             out["commitment_loss"] = enc.vq.commitment_loss
@@ -307,6 +344,7 @@ class SpeechTokenizer(L.LightningModule):
             config=config_dict(c),
             state_dict=state,
             extra={"frame_rate_hz": c.frame_rate_hz, "codebook_size": c.codebook_size, "sample_rate": SAMPLE_RATE,
-                   "vq_active": bool(self.model.encoder.use_vq)},
+                   "vq_active": bool(self.model.encoder.use_vq),
+                   **({"weights_source": self._weights_source} if self._weights_source else {})},
             files={"tokenizer": self.text_tokenizer.save},
         )
