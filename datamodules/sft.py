@@ -42,7 +42,7 @@ from lit_keomni.nn.keomni import llm_tokenizer
 from lit_keomni.speech_tokens import STAMP as TOKENS_STAMP, tokenize, tokens_are_current
 from lit_keomni.text.templates import (KEOMNI_TRANSCRIBE_PROMPT, Exchange, check_sft_options, glm_dialogue,
                                        keomni_dialogue, pad_batch)
-from lit_keomni.text.tokenizer import TextTokenizer
+from lit_keomni.text.tokenizer import SPEECH_SLOT, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class DialogueBuilder:
             "language": pairs[k - 1][1]["language"],
         }
         if self.mode == "continuous":
-            item["speech"] = (item["ids"] == self.tokenizer.pad_id).astype(np.uint8)
+            item["speech"] = (item["ids"] == self.tokenizer.token_to_id(SPEECH_SLOT)).astype(np.uint8)
             item["audio"] = np.concatenate(audio[:k])
             item["audio_lengths"] = np.asarray([len(a) for a in audio[:k]], dtype=np.int32)
         return item, len(exchanges) - k

@@ -47,7 +47,7 @@ from lit_keomni.generate import sample
 from lit_keomni.nn.audio import load_wav, resample, save_wav
 from lit_keomni.text.templates import (ASSISTANT, BEGIN_AUDIO, DIALOGUE_MODES, END_AUDIO, SYSTEM, USER, Exchange,
                                        glm_dialogue, keomni_dialogue)
-from lit_keomni.text.tokenizer import PAD
+from lit_keomni.text.tokenizer import SPEECH_SLOT
 
 SAMPLE_RATE = 16_000
 """Input rate of the speech encoders."""
@@ -386,7 +386,7 @@ class KeOmniChat:
         try:
             with clock.part("llm"):
                 x = m.llm.embed(torch.tensor([prompt], device=device))
-                slots = torch.tensor([prompt], device=device) == tok.token_to_id(PAD)
+                slots = torch.tensor([prompt], device=device) == tok.token_to_id(SPEECH_SLOT)
                 x = x.masked_scatter(slots[..., None], frames[0, : int(lengths[0])].to(x.dtype))
                 logits = cache.logits(cache.feed(prompt, x))
             for _ in range(steps):
@@ -738,7 +738,6 @@ def tiny_exports(out: str | Path, *, codebook: int = 16, speaker: str = "agentFe
     from lit_keomni.checkpoints import decoder_handoff, lm_tokenizer, write_export
     from lit_keomni.configs import SpeechTokenizerConfig, TransformerConfig, config_dict
     from lit_keomni.nn.adapter import SpeechAdapter
-    from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig
     from lit_keomni.nn.keomni import KeOmni
     from lit_keomni.nn.speech_decoder import DurationPredictor, UnitGenerator
     from lit_keomni.nn.transformer import Transformer
@@ -790,14 +789,22 @@ def tiny_exports(out: str | Path, *, codebook: int = 16, speaker: str = "agentFe
     paths["unit_generator"] = write_export(out / "unit_generator", kind="unit_generator",
                                            config=config_dict(ug.config), state_dict=ug.state_dict(),
                                            extra={**handoff, "speaker": speaker})
+    paths["vocoder"] = tiny_vocoder(out / "vocoder", paths["stage1"], speaker=speaker)
+    return paths
+
+
+def tiny_vocoder(out: str | Path, stage1: str | Path, *, speaker: str = "agentFemale") -> Path:
+    """A random-weight unit vocoder export for the units of the stage-1 export ``stage1`` (any tokenizer's)."""
+    from lit_keomni.checkpoints import write_export
+    from lit_keomni.configs import config_dict
+    from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig
+
+    units = unit_meta(stage1)
     vc = VocoderConfig.from_name("tiny", upsample_initial_channel=32, resblock_kernel_sizes=(3,),
                                  resblock_dilation_sizes=((1, 3),))
-    vocoder = UnitVocoder(codebook, vc)
-    units = unit_meta(paths["stage1"])
-    paths["vocoder"] = write_export(out / "vocoder", kind="vocoder", config=config_dict(vc),
-                                    state_dict=vocoder.state_dict(),
-                                    extra={"num_units": codebook, "frame_rate": units["frame_rate"],
-                                           "sample_rate": vc.sample_rate, "hop": vocoder.hop, "speaker": speaker,
-                                           "units_fingerprint": units["fingerprint"], "units_kind": units["kind"],
-                                           "units_from": str(paths["stage1"].resolve())})
-    return paths
+    vocoder = UnitVocoder(units["num_units"], vc)
+    return write_export(out, kind="vocoder", config=config_dict(vc), state_dict=vocoder.state_dict(),
+                        extra={"num_units": units["num_units"], "frame_rate": units["frame_rate"],
+                               "sample_rate": vc.sample_rate, "hop": vocoder.hop, "speaker": speaker,
+                               "units_fingerprint": units["fingerprint"], "units_kind": units["kind"],
+                               "units_from": str(Path(stage1).resolve())})

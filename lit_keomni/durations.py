@@ -28,7 +28,7 @@ import torch
 from datamodules.toy_world import split_words
 from lit_keomni.nn.speech_decoder import cumulative_round
 from lit_keomni.text.templates import ASSISTANT
-from lit_keomni.text.tokenizer import EOS, TextTokenizer
+from lit_keomni.text.tokenizer import TextTokenizer
 
 ANSWER_PREFIX = f"{ASSISTANT}\n"
 """What precedes an answer's text in ``text.templates.keomni_dialogue`` (its tokenization context)."""
@@ -96,7 +96,7 @@ def token_frames(char_secs: Sequence[float], offsets: Sequence[tuple[int, int]],
 def answer_tokens(tokenizer: TextTokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """An answer's text tokens as ``keomni_dialogue`` writes them (without ``<|eos|>``) and their character offsets
     into ``text``."""
-    enc = tokenizer.backend.encode(f"{ANSWER_PREFIX}{text}{EOS}", add_special_tokens=False)
+    enc = tokenizer.backend.encode(f"{ANSWER_PREFIX}{text}{tokenizer.eos_token}", add_special_tokens=False)
     n = len(ANSWER_PREFIX)
     ids, offsets = [], []
     for i, (a, b) in zip(enc.ids, enc.offsets):

@@ -132,7 +132,7 @@ def test_paper_stage4_keomni_is_whisper_large_v3_adapter_and_llama_3_1_8b(capsys
     whisper = {"d_model": 1280, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120, "encoder_layers": 32,
                "num_mel_bins": 128, "max_source_positions": 1500, "vocab_size": 51866}
     enc_config = whisper_encoder_config(whisper, source="whisper-large-v3/config.json")
-    vocab = 128256 + len(ROLE_TOKENS)  # Llama-3.1's tokenizer.json with the dialogue markers added
+    vocab = 128256 + len(ROLE_TOKENS) + 1  # Llama-3.1's vocabulary with the dialogue markers and the speech slot
     with torch.device("meta"):
         llm = Transformer(llm_config)
         encoder = SpeechEncoder(enc_config)

@@ -27,19 +27,20 @@ from lit_keomni.nn.audio import LogMel
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.nn.whisper import SpeechEncoder, lengths_to_mask
 from lit_keomni.text.templates import KEOMNI_SYSTEM_PROMPT, Exchange, keomni_dialogue
-from lit_keomni.text.tokenizer import PAD, ROLE_TOKENS, TextTokenizer
+from lit_keomni.text.tokenizer import ROLE_TOKENS, SPEECH_SLOT, TextTokenizer
 
 
 def llm_tokenizer(path: str | Path) -> TextTokenizer:
     """An LLM's own vocabulary (a ``tokenizer.json`` or a released model's folder, e.g. Llama-3.1's) with the
-    dialogue role tokens appended after its ids, for a KE-Omni LLM loaded from a released folder (no speech tokens:
-    KE-Omni's speech is continuous)."""
+    dialogue role tokens and the speech slot appended after its ids where missing, for a KE-Omni LLM loaded from a
+    released folder (no speech tokens: KE-Omni's speech is continuous)."""
     from tokenizers import AddedToken
 
     from lit_keomni.checkpoints import read_vocabulary
 
     tokenizer = read_vocabulary(path)
-    tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ROLE_TOKENS])
+    missing = [t for t in (*ROLE_TOKENS, SPEECH_SLOT) if tokenizer.backend.token_to_id(t) is None]
+    tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return tokenizer
 
 
@@ -173,7 +174,7 @@ class KeOmni(nn.Module):
             raise ValueError(f"KeOmni.respond: a prompt of {max(len(p) for p in prompts)} tokens leaves no room in "
                              f"the LLM's block_size {self.llm.config.block_size}")
         mels, mel_lengths = self.features(turns)
-        runner = _SpeechPrompt(self, tokenizer.token_to_id(PAD), mels, mel_lengths)
+        runner = _SpeechPrompt(self, tokenizer.token_to_id(SPEECH_SLOT), mels, mel_lengths)
         # Left padding uses <|eos|>, so the only <|pad|> ids of the prefill are the speech slots.
         out = generate(runner, prompts, max_new_tokens=min(max_new_tokens, room), temperature=0.0,
                        stop_ids=[tokenizer.eos_id], pad_id=tokenizer.eos_id)
@@ -220,5 +221,5 @@ def answer_hidden_states(model: KeOmni, tokenizer: TextTokenizer, wavs: Sequence
     device = model.llm.embed.weight.device
     ids = torch.tensor([prompt + [int(i) for i in answer]], device=device)
     mels, mel_lengths = model.features(wavs)
-    hidden = model(ids, ids == tokenizer.token_to_id(PAD), mels, mel_lengths, return_hidden=True)
+    hidden = model(ids, ids == tokenizer.token_to_id(SPEECH_SLOT), mels, mel_lengths, return_hidden=True)
     return hidden[0, len(prompt):]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_keomni.text.tokenizer import EOS, PAD, TextTokenizer, audio_token
+from lit_keomni.text.tokenizer import SPEECH_SLOT, TextTokenizer, audio_token
 
 BEGIN_AUDIO = "<|begin_of_audio|>"
 END_AUDIO = "<|end_of_audio|>"
@@ -238,10 +238,10 @@ def keomni_dialogue(tokenizer: TextTokenizer, exchanges: Sequence[Exchange],
     for k, ex in enumerate(exchanges):
         if ex.user_frames < 1:
             raise ValueError(f"keomni_dialogue: exchange {k} has no speech frames (user_frames={ex.user_frames})")
-        pieces.append((f"{'' if k == 0 else chr(10)}{USER}\n{PAD * ex.user_frames}\n{ASSISTANT}\n", False))
+        pieces.append((f"{'' if k == 0 else chr(10)}{USER}\n{SPEECH_SLOT * ex.user_frames}\n{ASSISTANT}\n", False))
         if ex.text is None:
             if k != len(exchanges) - 1:
                 raise ValueError(f"keomni_dialogue: only the last exchange may lack its answer (exchange {k})")
             break
-        pieces.append((f"{ex.text}{EOS}", True))
+        pieces.append((f"{ex.text}{tokenizer.eos_token}", True))
     return render(tokenizer, pieces)

@@ -56,6 +56,8 @@ TIKTOKEN_NAME = "tokenizer.model"
 RELEASED_KEY = "released"
 """Key of our tokenizer_config.json holding a released vocabulary's format and its own config, for `save_released`."""
 ROLES = ("pad", "bos", "eos")
+SPEECH_SLOT = PAD
+"""The token of a KE-Omni speech slot (one per speech-adapter frame), added to a released vocabulary that lacks it."""
 
 
 def audio_token(index: int) -> str:
