@@ -157,3 +157,36 @@ def test_missing_weight_and_missing_vocabulary_are_named(tmp_path):
         main(["import", "glm4voice-tokenizer", str(folder), "--out", str(tmp_path / "out")])
     out = import_speech_tokenizer(folder, tmp_path / "out", tokenizer=GOLDEN / "tokenizer.json")
     assert SpeechTokenEncoder(out)([clip(0)])[0].tolist() == REF["ids_alone_0"].tolist()
+
+
+# A glm-4-voice-tokenizer config.json: whisper-large-v3's sizes plus the pooling / quantize fields that set the
+# released network (seed 003 §2.1: 12.5 Hz, 16,384 codes after encoder layer 16 of 32); the loss and EMA fields do not
+# change its size.
+RELEASED_CONFIG = {
+    "architectures": ["WhisperVQForConditionalGeneration"], "model_type": "whisper", "activation_function": "gelu",
+    "d_model": 1280, "encoder_layers": 32, "decoder_layers": 32, "encoder_attention_heads": 20,
+    "decoder_attention_heads": 20, "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120, "num_mel_bins": 128,
+    "vocab_size": 51866, "max_source_positions": 1500, "max_target_positions": 448, "scale_embedding": False,
+    "pooling_kernel_size": 4, "pooling_type": "avg", "pooling_position": 16, "quantize_vocab_size": 16384,
+    "quantize_position": 16, "quantize_commit_coefficient": 0.25, "quantize_loss_scale": 10.0,
+    "quantize_ema_decay": 0.99, "quantize_restart_interval": 100, "quantize_encoder_only": False,
+    "quantize_causal_encoder": False, "quantize_causal_block_size": 200, "encoder_causal_attention": False,
+    "encoder_causal_convolution": True,
+}
+WHISPER_LARGE_V3 = 1_543_490_560  # openai/whisper-large-v3, proj_out tied to the decoder embedding
+
+
+def test_released_size_on_the_meta_device():
+    """The released tokenizer is whisper-large-v3 plus the codebook and the post-VQ position table: our network from
+    its config.json holds exactly that many weights (our CTC head aside; the encoder's position table and the
+    codebook are buffers here, parameters there)."""
+    from lit_keomni.layouts.glm4voice_tokenizer import config_from_released
+    from lit_keomni.nn.whisper import SpeechTokenizerModel
+
+    config = config_from_released(RELEASED_CONFIG)
+    assert (config.frame_rate_hz, config.block_frames, config.vq_position) == (12.5, 200, 16)
+    with torch.device("meta"):
+        model = SpeechTokenizerModel(config)
+    ours = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("ctc_head."))
+    buffers = model.encoder.embed_positions.weight.numel() + model.encoder.quantizer.codebook.numel()
+    assert ours + buffers == WHISPER_LARGE_V3 + 16384 * 1280 + 375 * 1280
