@@ -283,8 +283,6 @@ def lm_tokenizer(speech_export: str | Path, vocabulary: str | Path | None = None
     or a ``tokenizer.json``), extended with the export's speech tokens and the dialogue specials. Speech tokens the
     vocabulary already holds (glm-4-voice-9b's ``<|audio_N|>``) are used as they are; a count that disagrees with the
     export's codebook is one error naming both."""
-    from lit_keomni.text.tokenizer import TextTokenizer
-
     meta = read_export_meta(speech_export, "speech_tokenizer")
     tokenizer = read_vocabulary(vocabulary or Path(speech_export) / "tokenizer.json")
     try:

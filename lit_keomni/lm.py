@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_keomni.checkpoints import CONFIG_FILE, WEIGHTS_FILE, export_kind, load_export, load_state_checked
@@ -65,12 +64,13 @@ def build_lm(config: TransformerConfig, vocab_size: int, init_from: str | None =
     return model
 
 
-def masked_lm_loss(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy over the trained positions (``target != -100``) and the top-1 accuracy there."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+def masked_lm_loss(losses: Tensor, predicted: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy over the trained positions (``target != -100``) and the top-1 accuracy there, from the
+    per-token losses and predictions a ``Transformer`` gives with ``targets`` (plain or chunked)."""
     trained = target != -100
+    loss = losses.sum() / trained.sum().clamp(min=1)
     with torch.no_grad():
-        acc = (logits.argmax(-1)[trained] == target[trained]).float().mean() if trained.any() else logits.new_zeros(())
+        acc = (predicted[trained] == target[trained]).float().mean() if trained.any() else loss.new_zeros(())
     return loss, acc
 
 

@@ -128,7 +128,6 @@ def load_released_speech_tokenizer(folder: str | Path, tokenizer: str | Path | N
     from lit_keomni.checkpoints import load_state_checked, read_hf_folder
     from lit_keomni.layouts import glm4voice_tokenizer as layout
     from lit_keomni.nn.whisper import SpeechTokenizerModel
-    from lit_keomni.text.tokenizer import TextTokenizer
 
     folder = Path(folder)
     cfg = folder / CONFIG_FILE

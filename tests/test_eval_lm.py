@@ -111,7 +111,7 @@ def test_storycloze_picks_the_ending_the_model_learnt(stage1_export, one_thread)
     model = tiny_lm(tok.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(80):
-        loss, _ = masked_lm_loss(model(idx), tgt)
+        loss, _ = masked_lm_loss(*model(idx, targets=tgt), tgt)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -122,12 +122,14 @@ class KeOmni(nn.Module):
 
     def forward(self, ids: Tensor, speech_mask: Tensor | None = None, mels: Tensor | None = None,
                 mel_lengths: Tensor | None = None, *, input_pos: Tensor | None = None,
-                attention_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+                attention_mask: Tensor | None = None, return_hidden: bool = False, targets: Tensor | None = None,
+                loss_chunk: int = 0) -> Any:
         """Logits (B, T, padded_vocab) of the LLM over ``ids`` (B, T) whose ``speech_mask`` (B, T) slots are replaced,
         in row-major order, by the adapter frames of ``mels`` (one entry per user turn, in the order their slots
         appear: row 0's turns first). Without ``speech_mask`` a plain LLM call (e.g. a decoding step).
         ``input_pos``/``attention_mask`` go to the LLM (KV-cache decoding, left padding); ``return_hidden``: the
-        LLM's last hidden states after the final norm (B, T, n_embd) instead of logits (the speech decoder's input)."""
+        LLM's last hidden states after the final norm (B, T, n_embd) instead of logits (the speech decoder's input);
+        ``targets``/``loss_chunk``: the per-token losses and predictions instead (``Transformer.forward``)."""
         x = self.llm.embed(ids)
         if speech_mask is not None and bool(speech_mask.any()):
             if mels is None or mel_lengths is None:
@@ -141,7 +143,7 @@ class KeOmni(nn.Module):
                                  f"speech_frames(samples, stack={self.stack})")
             x = x.masked_scatter(speech_mask[..., None], frames[valid].to(x.dtype))
         return self.llm(inputs_embeds=x, input_pos=input_pos, attention_mask=attention_mask,
-                        return_hidden=return_hidden)
+                        return_hidden=return_hidden, targets=targets, loss_chunk=loss_chunk)
 
     # ------------------------------------------------------------------------------------------------ inference
 

@@ -18,12 +18,14 @@ Notable features:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.configs import TransformerConfig
+from lit_keomni.nn.losses import chunked_cross_entropy, token_cross_entropy
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -281,8 +283,11 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor | None = None, *, inputs_embeds: Tensor | None = None, input_pos: Tensor | None = None,
                 attention_mask: Tensor | None = None, document_ids: Tensor | None = None,
-                return_hidden: bool = False) -> Tensor:
-        """Logits (B, T, padded_vocab_size), or the last hidden states after the final norm with ``return_hidden``.
+                return_hidden: bool = False, targets: Tensor | None = None, loss_chunk: int = 0) -> Any:
+        """Logits (B, T, padded_vocab_size), or the last hidden states after the final norm with ``return_hidden``,
+        or with ``targets`` (B, T) the per-token cross-entropy (float32, 0 at ``-100``) and the argmax predictions,
+        computed ``loss_chunk`` tokens at a time without the full logits (0 = from the full logits; see
+        ``nn.losses``). The loss is part of ``forward`` so that a sharded model gathers its output layer for it.
 
         Args:
             idx: Token ids (B, T); or give ``inputs_embeds`` (B, T, n_embd) instead (e.g. speech-adapter features).
@@ -366,4 +371,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask, is_causal, slots, kv_length)
         x = self.norm(x)
+        if targets is not None:
+            if loss_chunk:
+                return chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
+            return token_cross_entropy(self.lm_head(x), targets)
         return x if return_hidden else self.lm_head(x)

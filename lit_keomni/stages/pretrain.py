@@ -20,24 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_keomni.checkpoints import lm_tokenizer, write_export
 from lit_keomni.configs import TransformerConfig, config_dict
 from lit_keomni.distributed import full_state_dict, shard_or_compile
-from lit_keomni.lm import build_lm, flops_per_token
+from lit_keomni.lm import build_lm, flops_per_token, masked_lm_loss
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.release import check_lm_vocabulary, lm_source
 from lit_keomni.training import Stage, check_same_vocabulary
 
 EXPORT_KIND = "speech_lm"
-
-
-def token_losses(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-position cross-entropy (B, T) in float32, 0 where ``target`` is -100."""
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
-                           reduction="none").view(target.shape)
 
 
 class Pretrain(Stage):
@@ -58,6 +51,7 @@ class Pretrain(Stage):
         export_dir: str | None = "checkpoints/stage3/export",
         activation_checkpointing: bool = False,
         compile: bool = False,
+        loss_chunk: int = 0,
     ) -> None:
         """
         Args:
@@ -80,6 +74,8 @@ class Pretrain(Stage):
                 (FSDP runs only).
             compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
                 wrapping, before sharding); the first step of each new batch shape is slower.
+            loss_chunk: Tokens per chunk of the output layer + cross-entropy (``nn.losses``): the full
+                (tokens, vocabulary) logits are never stored; 0 = full logits. Same loss and gradients.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -105,8 +101,9 @@ class Pretrain(Stage):
         self.flops_per_token = flops_per_token(self.model, self.model_config.block_size)  # for MFU
         shard_or_compile(self, self.model, self.model.blocks)  # FSDP2 per block under ModelParallelStrategy
 
-    def forward(self, idx: Tensor, document_ids: Tensor | None = None) -> Tensor:
-        return self.model(idx, document_ids=document_ids)
+    def forward(self, idx: Tensor, document_ids: Tensor | None = None, target: Tensor | None = None) -> Any:
+        """Logits of packed rows; with ``target``, the per-token losses and predictions (``Transformer.forward``)."""
+        return self.model(idx, document_ids=document_ids, targets=target, loss_chunk=self.hparams.loss_chunk)
 
     # ------------------------------------------------------------------ mixture bookkeeping
     def _datamodule(self) -> Any:
@@ -176,14 +173,10 @@ class Pretrain(Stage):
     # ------------------------------------------------------------------ steps
     def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(mean loss over trained tokens, per-token losses, trained mask, top-1 accuracy) of a packed batch."""
-        logits = self(batch["input"], batch["document_ids"])
         target = batch["target"]
-        per_token = token_losses(logits, target)
-        trained = target != -100
-        loss = per_token.sum() / trained.sum().clamp(min=1)
-        with torch.no_grad():
-            acc = (logits.argmax(-1)[trained] == target[trained]).float().mean() if trained.any() else loss.new_zeros(())
-        return loss, per_token, trained, acc
+        per_token, predicted = self(batch["input"], batch["document_ids"], target)
+        loss, acc = masked_lm_loss(per_token, predicted, target)
+        return loss, per_token, target != -100, acc
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, per_token, trained, acc = self._losses(batch)

@@ -102,6 +102,7 @@ class SFT(Stage):
         export_dir: str | None = "checkpoints/stage4/export",
         activation_checkpointing: bool = False,
         compile: bool = False,
+        loss_chunk: int = 0,
     ) -> None:
         """
         Args:
@@ -141,6 +142,8 @@ class SFT(Stage):
             activation_checkpointing: Recompute each LLM block in backward (FSDP runs only).
             compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
                 wrapping, before sharding); the first step of each new batch shape is slower.
+            loss_chunk: Tokens per chunk of the output layer + cross-entropy (``nn.losses``): the full
+                (tokens, vocabulary) logits are never stored; 0 = full logits. Same loss and gradients.
         """
         super().__init__()
         check_sft_options("SFT", mode, template, tokenizer, target)
@@ -220,11 +223,13 @@ class SFT(Stage):
                              f"model.adapter_hidden is {h.adapter_hidden}")
         return model.llm.train(), model.adapter.train()
 
-    def forward(self, batch: dict[str, Any]) -> Tensor:
+    def forward(self, batch: dict[str, Any], target: Tensor | None = None) -> Any:
+        """Logits of the batch; with ``target``, the per-token losses and predictions (``Transformer.forward``)."""
+        chunk = self.hparams.loss_chunk
         if self.hparams.mode == "discrete":
-            return self.model(batch["input"])
+            return self.model(batch["input"], targets=target, loss_chunk=chunk)
         mel, mel_lengths = self.model.logmel(batch["audio"], batch["audio_lengths"])
-        return self.model(batch["input"], batch["speech_mask"], mel, mel_lengths)
+        return self.model(batch["input"], batch["speech_mask"], mel, mel_lengths, targets=target, loss_chunk=chunk)
 
     def on_fit_start(self) -> None:
         """The data must be written in this model's vocabulary (and, continuous, with its stacking)."""
@@ -245,7 +250,7 @@ class SFT(Stage):
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        return masked_lm_loss(self(batch), batch["target"])
+        return masked_lm_loss(*self(batch, batch["target"]), batch["target"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, acc = self._loss(batch)

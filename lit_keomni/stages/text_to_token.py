@@ -53,6 +53,7 @@ class TextToToken(Stage):
         export_dir: str | None = "checkpoints/stage2/export",
         activation_checkpointing: bool = False,
         compile: bool = False,
+        loss_chunk: int = 0,
     ) -> None:
         """
         Args:
@@ -78,6 +79,8 @@ class TextToToken(Stage):
                 (FSDP runs only; trades ~30 % more compute for memory).
             compile: ``torch.compile`` each block (``distributed.apply_compile``; with FSDP after checkpoint
                 wrapping, before sharding); the first step of each new batch shape is slower.
+            loss_chunk: Tokens per chunk of the output layer + cross-entropy (``nn.losses``): the full
+                (tokens, vocabulary) logits are never stored; 0 = full logits. Same loss and gradients.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -101,8 +104,9 @@ class TextToToken(Stage):
         self.flops_per_token = flops_per_token(self.model)  # for MFU
         shard_or_compile(self, self.model, self.model.blocks)  # FSDP2 per block under ModelParallelStrategy
 
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.model(idx)
+    def forward(self, idx: Tensor, target: Tensor | None = None) -> Any:
+        """Logits of ``idx``; with ``target``, the per-token losses and predictions (``Transformer.forward``)."""
+        return self.model(idx, targets=target, loss_chunk=self.hparams.loss_chunk)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -113,7 +117,7 @@ class TextToToken(Stage):
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        return masked_lm_loss(self(batch["input"]), batch["target"])
+        return masked_lm_loss(*self(batch["input"], batch["target"]), batch["target"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, acc = self._loss(batch)
