@@ -125,6 +125,18 @@ def load_export(path: str | Path, kind: str, expect: Mapping[str, Any] | None = 
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated/damaged files
         raise ValueError(f"{weights}: damaged weights file ({e})") from None
+    from lit_keomni.nn.lora import LORA_FILE, LoRAConfig, merge_lora_state
+
+    adapters = folder / LORA_FILE
+    if adapters.is_file():  # an LM trained with LoRA, exported unmerged (merge_lora: false): merged here
+
+        if "lora" not in meta:
+            raise ValueError(f"{folder / CONFIG_FILE}: field 'lora' missing, but {adapters} holds LoRA weights")
+        try:
+            lora = load_file(str(adapters))
+        except Exception as e:
+            raise ValueError(f"{adapters}: damaged weights file ({e})") from None
+        state = merge_lora_state({**state, **lora}, LoRAConfig.from_dict(meta["lora"], str(folder / CONFIG_FILE)))
     return LoadedExport(folder, meta, state)
 
 

@@ -142,11 +142,69 @@ class Stage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng"] = rng_state()
+        if self.hparams.get("lora"):
+            checkpoint["lora_base"] = self.hparams.get("init_from")
+            if self.device_mesh is None:
+                # LoRA: only what trains (adapters, and e.g. KE-Omni's speech adapter) and the buffers; the frozen
+                # base is rebuilt from model.init_from, which the checkpoint names. A sharded checkpoint keeps every
+                # weight (each rank its shard): Lightning's distributed-checkpoint load reads all of the model's keys.
+                frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
+        if self.hparams.get("lora"):
+            trained = [n for n, p in self.named_parameters() if p.requires_grad]
+            # (a sharded checkpoint has loaded its weights into the model already and holds no "state_dict")
+            missing = [n for n in trained if n not in checkpoint.get("state_dict", trained)]
+            if missing:
+                raise ValueError(f"this checkpoint lacks {len(missing)} trained LoRA weight(s), e.g. {missing[0]!r}: it "
+                                 f"was not written by a run with this model.lora")
+            if checkpoint.get("lora_base") != self.hparams.get("init_from"):
+                raise ValueError(f"this LoRA checkpoint adapts model.init_from={checkpoint.get('lora_base')!r}, but "
+                                 f"model.init_from is {self.hparams.get('init_from')!r}")
+
+    def apply_lora(self, llm: nn.Module) -> None:
+        """``model.lora``: adapters on ``llm``'s linear layers, the rest of ``llm`` frozen; checkpoints then keep the
+        trained weights only. Logs the trainable / total parameter counts."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from lit_keomni.nn.lora import LoRAConfig, apply_lora, parameter_counts
+
+        if not self.hparams.get("lora"):
+            return
+        apply_lora(llm, LoRAConfig.from_dict(self.hparams.lora))
+        self.strict_loading = False  # the frozen base comes from init_from, not from the checkpoint
+        trainable, total = parameter_counts(llm)
+        rank_zero_info(f"LoRA: {trainable:,} trainable of {total:,} LM parameters ({100 * trainable / total:.2f} %)")
+
+    def on_train_start(self) -> None:
+        if self.hparams.get("lora") and self.logger is not None:
+            from lit_keomni.nn.lora import parameter_counts
+
+            trainable, total = parameter_counts(self)
+            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+
+    def export_weights(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                                     dict[str, Any]]:
+        """(weights, extra files, extra config fields) of an export: without LoRA the weights as they are; with it,
+        merged into their layers (``merge_lora``), or the base and ``lora.safetensors`` beside it, which
+        ``load_export`` merges, so every later stage reads either."""
+        from lit_keomni.nn.lora import LORA_FILE, LoRAConfig, is_lora_parameter, lora_state_dict, merge_lora_state
+
+        if not self.hparams.get("lora"):
+            return state, {}, {}
+        config = LoRAConfig.from_dict(self.hparams.lora)
+        if self.hparams.get("merge_lora", True):
+            return merge_lora_state(state, config), {}, {"lora_merged": config.to_dict()}
+        from safetensors.torch import save_file
+
+        adapters = {k: v.contiguous() for k, v in lora_state_dict(state).items()}
+        base = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if not is_lora_parameter(k)}
+        files = {"lora": lambda folder: save_file(adapters, str(folder / LORA_FILE), metadata={"format": "pt"})}
+        return base, files, {"lora": config.to_dict()}
 
     def log_loss(self, split: str, loss: torch.Tensor, acc: torch.Tensor, batch_size: int, acc_name: str = "acc") -> None:
         """``{split}/loss`` (progress bar) and ``{split}/{acc_name}``; validation values are averaged over ranks."""

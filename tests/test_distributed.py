@@ -39,6 +39,7 @@ MICRO = 3  # examples per rank (per micro-batch in the reference)
 STEPS = 4
 LR = 3e-3
 SEQ3 = 64  # stage-3 packed row length
+LORA = {"rank": 4, "alpha": 8.0, "base_dtype": "float32"}
 
 
 class LossRecorder(L.Callback):
@@ -120,6 +121,20 @@ def _stage3(stage1_export: Path, out: Path | None, **kw):
     return Pretrain(config="tiny", overrides=TINY_LM, speech_export=str(stage1_export), **args)
 
 
+def _lora_base(stage1_export: Path, out: Path) -> None:
+    """A random tiny LM as an LM export: the frozen base of the LoRA runs."""
+    from lit_keomni.checkpoints import lm_tokenizer, write_export
+    from lit_keomni.configs import TransformerConfig, config_dict
+    from lit_keomni.nn.transformer import Transformer
+
+    tok, meta = lm_tokenizer(stage1_export)
+    torch.manual_seed(11)
+    lm = Transformer(TransformerConfig.from_name("tiny", **TINY_LM).replace(vocab_size=tok.vocab_size))
+    write_export(out, kind="speech_lm", config=config_dict(lm.config), state_dict=lm.state_dict(),
+                 extra={"speech_tokenizer": {k: meta[k] for k in ("frame_rate_hz", "codebook_size")}},
+                 files={"tokenizer": tok.save})
+
+
 def _stage3_batches(prepared: Path, stage1_export: Path, tokens: Path, interleaved: Path) -> list[list[dict]]:
     """STEPS global batches of 2 · MICRO packed rows (``datamodules.pretrain.pack_source`` of real items of each
     source), the five sources taking turns row by row, so the two ranks' halves hold different sets of sources."""
@@ -173,6 +188,7 @@ def runs(prepared, stage1_export, speech_tokens, interleaved, tmp_path_factory):
     torch.save(stage3, out / "stage3_batches.pt")
     for mode in ("discrete", "continuous"):  # built here once, so the workers only read them
         _sft_data(mode, prepared, stage1_export, tokens, out).prepare_data()
+    _lora_base(stage1_export, out / "lora_base")
 
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -196,6 +212,13 @@ def runs(prepared, stage1_export, speech_tokens, interleaved, tmp_path_factory):
         trainer = _trainer(out / "stage3_single", [rec3, Export()], accumulate_grad_batches=2)
         trainer.fit(model3, train_dataloaders=FixedBatches(
             [pretrain_collate(half) for b in stage3 for half in (b[:MICRO], b[MICRO:])]))
+
+        L.seed_everything(5)
+        rec_lora = LossRecorder()
+        model_lora = _stage3(stage1_export, out / "lora_single_export", init_from=str(out / "lora_base"), lora=LORA)
+        trainer = _trainer(out / "lora_single", [rec_lora, Export()], accumulate_grad_batches=2)
+        trainer.fit(model_lora, train_dataloaders=FixedBatches(
+            [pretrain_collate(half) for b in stage3 for half in (b[:MICRO], b[MICRO:])]))
         log, _ = proc.communicate(timeout=420)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -213,6 +236,7 @@ def runs(prepared, stage1_export, speech_tokens, interleaved, tmp_path_factory):
     result["stage3_single_losses"] = [a + b for a, b in zip(rec3.losses[::2], rec3.losses[1::2])]
     result["stage3_single_grad_norms"] = rec3.grad_norms[1::2]
     result["stage3_single_seen_tokens"] = model3.seen_tokens.tolist()
+    result["lora_single_losses"] = [a + b for a, b in zip(rec_lora.losses[::2], rec_lora.losses[1::2])]
     seen = [0] * 5  # real tokens per source in all rows, as Pretrain counts them
     for row in (r for b in stage3 for r in b):
         seen[int(row["source"])] += int((row["document"][:-1] >= 0).sum())
@@ -307,6 +331,26 @@ def test_stage3_sharded_export_equals_single_process(runs):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_lora_sharded_matches_single_process_and_resumes(runs):
+    from lit_keomni.checkpoints import load_lm
+
+    lora = runs["lora"]
+    sharded = [(a + b) / 2 for a, b in zip(*lora["losses"])]
+    assert len(sharded) == STEPS and sharded == pytest.approx(runs["lora_single_losses"], rel=1e-5)
+    for rank in range(2):
+        assert lora["resumed_steps"][rank] == [3, 4]
+        assert lora["resumed_losses"][rank] == pytest.approx(lora["losses"][rank][2:], rel=1e-5), rank
+    out = Path(runs["out"])
+    a, _, meta = load_lm(out / "lora_export", "speech_lm")
+    b, _, _ = load_lm(out / "lora_single_export", "speech_lm")
+    base, _, _ = load_lm(out / "lora_base", "speech_lm")
+    assert meta["lora_merged"]["rank"] == 4
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(a.blocks[0].attn.q_proj.weight, base.blocks[0].attn.q_proj.weight)
+    assert torch.equal(a.embed.weight, base.embed.weight)  # frozen
 
 
 def test_stage4_discrete_sharded_fit_exports_one_loadable_speech_lm(runs):
@@ -435,6 +479,24 @@ def _worker(prepared: str, stage1_export: str, tokens: str, out_dir: str) -> Non
     stage3.update(resumed_losses=gather(rec.losses), resumed_steps=gather(rec.steps),
                   resumed_seen_tokens=model.seen_tokens.tolist())
     result["stage3"] = stage3
+
+    # 9. stage 3 with LoRA on a fixed base, the same rows: adapters sharded with their blocks, a sharded checkpoint
+    # (the adapters only) at step 2, an export with them merged; a resume from step 2
+    def lora_pretrain(callbacks, export=None, ckpt_path=None):
+        L.seed_everything(5)
+        model = _stage3(Path(stage1_export), export, init_from=str(out / "lora_base"), lora=LORA)
+        trainer = _trainer(out / "lora", callbacks, strategy=strategy(), devices=2, use_distributed_sampler=False,
+                           plugins=[AtomicCheckpointIO()])
+        trainer.fit(model, train_dataloaders=FixedBatches(halves), ckpt_path=ckpt_path)
+
+    rec = LossRecorder()
+    ckpt = ModelCheckpoint(dirpath=out / "lora_ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    lora_pretrain([rec, ckpt, Export()], export=out / "lora_export")
+    lora = {"losses": gather(rec.losses)}
+    rec = LossRecorder()
+    lora_pretrain([rec], ckpt_path=str(out / "lora_ckpt" / "step=2.ckpt"))
+    lora.update(resumed_losses=gather(rec.losses), resumed_steps=gather(rec.steps))
+    result["lora"] = lora
 
     # 7, 8. stage 4 from the sharded stage-3 export, bf16-mixed: discrete; continuous with validation answers
     for mode in ("discrete", "continuous"):

@@ -52,6 +52,8 @@ class Pretrain(Stage):
         activation_checkpointing: bool = False,
         compile: bool = False,
         loss_chunk: int = 0,
+        lora: dict[str, Any] | None = None,
+        merge_lora: bool = True,
     ) -> None:
         """
         Args:
@@ -76,6 +78,10 @@ class Pretrain(Stage):
                 wrapping, before sharding); the first step of each new batch shape is slower.
             loss_chunk: Tokens per chunk of the output layer + cross-entropy (``nn.losses``): the full
                 (tokens, vocabulary) logits are never stored; 0 = full logits. Same loss and gradients.
+            lora: LoRA on the LM's linear layers (``nn.lora.LoRAConfig``: rank, alpha, dropout, targets,
+                base_dtype), the rest of the LM frozen; checkpoints keep the trained weights only. None = full training.
+            merge_lora: Export with the adapters merged into the weights (True), or the base plus
+                ``lora.safetensors`` (False); later stages read either.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -99,6 +105,7 @@ class Pretrain(Stage):
         self.model = build_lm(self.model_config, self.text_tokenizer.vocab_size, self.hparams.init_from)
         self.model_config = self.model.config
         self.flops_per_token = flops_per_token(self.model, self.model_config.block_size)  # for MFU
+        self.apply_lora(self.model)
         shard_or_compile(self, self.model, self.model.blocks)  # FSDP2 per block under ModelParallelStrategy
 
     def forward(self, idx: Tensor, document_ids: Tensor | None = None, target: Tensor | None = None) -> Any:
@@ -237,6 +244,7 @@ class Pretrain(Stage):
         if self.global_rank != 0:
             return Path(out_dir)
         m = self.speech_meta
+        state, lora_files, lora_meta = self.export_weights(state)
         return write_export(
             out_dir,
             kind=EXPORT_KIND,
@@ -245,6 +253,6 @@ class Pretrain(Stage):
             extra={"stage": "pretrain",
                    "speech_tokenizer": {"frame_rate_hz": m["frame_rate_hz"], "codebook_size": m["codebook_size"],
                                         "export": str(Path(self.hparams.speech_export).resolve())},
-                   "weights_source": self.weights_source},
-            files={"tokenizer": self.text_tokenizer.save},
+                   "weights_source": self.weights_source, **lora_meta},
+            files={"tokenizer": self.text_tokenizer.save, **lora_files},
         )

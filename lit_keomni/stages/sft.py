@@ -103,6 +103,8 @@ class SFT(Stage):
         activation_checkpointing: bool = False,
         compile: bool = False,
         loss_chunk: int = 0,
+        lora: dict[str, Any] | None = None,
+        merge_lora: bool = True,
     ) -> None:
         """
         Args:
@@ -144,6 +146,10 @@ class SFT(Stage):
                 wrapping, before sharding); the first step of each new batch shape is slower.
             loss_chunk: Tokens per chunk of the output layer + cross-entropy (``nn.losses``): the full
                 (tokens, vocabulary) logits are never stored; 0 = full logits. Same loss and gradients.
+            lora: LoRA on the LM's linear layers (``nn.lora.LoRAConfig``: rank, alpha, dropout, targets,
+                base_dtype), the rest of the LM frozen; checkpoints keep the trained weights only. None = full training.
+            merge_lora: Export with the adapters merged into the weights (True), or the base plus
+                ``lora.safetensors`` (False); later stages read either.
         """
         super().__init__()
         check_sft_options("SFT", mode, template, tokenizer, target)
@@ -192,6 +198,9 @@ class SFT(Stage):
             adapter = None
         self.model_config = llm.config
         self.flops_per_token = flops_per_token(llm)  # for MFU
+        if h.lora and h.freeze_llm:
+            raise ValueError("model.lora trains adapters in the LLM, model.freeze_llm freezes it: choose one")
+        self.apply_lora(llm)
         if encoder is None:
             self.model, blocks = llm, list(llm.blocks)
         else:
@@ -300,14 +309,16 @@ class SFT(Stage):
         if self.global_rank != 0:
             return Path(out_dir)
         h = self.hparams
-        files = {"tokenizer": self.text_tokenizer.save}
+        state, lora_files, lora_meta = self.export_weights(state)
+        files = {"tokenizer": self.text_tokenizer.save, **lora_files}
         if h.mode == "discrete":
             return write_export(out_dir, kind=EXPORT_KINDS["discrete"], config=config_dict(self.model_config),
                                 state_dict=state, files=files,
                                 extra={"stage": "sft", "template": h.template, "speech_tokenizer": self.speech_meta,
-                                       "weights_source": self.weights_source})
+                                       "weights_source": self.weights_source, **lora_meta})
         extra = {"stage": "sft", "target": h.target, "encoder_from": str(Path(h.encoder_from).resolve()),
-                 "init_from": str(Path(h.init_from).resolve()) if h.init_from else None, "weights_source": self.weights_source}
+                 "init_from": str(Path(h.init_from).resolve()) if h.init_from else None, "weights_source": self.weights_source,
+                 **lora_meta}
         if self.speech_meta:
             extra["speech_tokenizer"] = self.speech_meta
         return write_export(out_dir, kind=EXPORT_KINDS["continuous"], config=self.model.config_dict(),
