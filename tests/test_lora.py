@@ -2,17 +2,17 @@
 checkpoints hold the trained weights only and resume exactly, exports (merged or not) load in every later stage."""
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_keomni.checkpoints import AtomicCheckpointIO, Export, load_lm
+from lit_keomni.checkpoints import Export, load_lm
 from lit_keomni.configs import TransformerConfig
 from lit_keomni.nn.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora, merge_lora_state, parameter_counts
 from lit_keomni.nn.transformer import Transformer
+from tests.test_stage4 import LossRecorder, make
 
 TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "intermediate_size": 172, "block_size": 512}
 LORA = {"rank": 4, "alpha": 8.0, "base_dtype": "float32"}
@@ -75,32 +75,10 @@ def test_bad_lora_config_is_named(bad, message):
 # ---------------------------------------------------------------------------------------------- in a stage
 
 
-class LossRecorder(L.Callback):
-    def __init__(self, stop_at=None):
-        self.losses, self.stop_at = {}, stop_at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step] = float(outputs["loss"])
-        if self.stop_at is not None and trainer.global_step >= self.stop_at:
-            trainer.should_stop = True
-
-
 def sft(prepared, stage1_export, stage2_export, work, root, steps, callbacks, **kw):
-    from datamodules.sft import SFTDataModule
-    from lit_keomni.stages.sft import SFT
-
-    L.seed_everything(5)
-    model = SFT(mode="discrete", config="tiny", overrides=TINY_LM, init_from=str(stage2_export),
-                speech_export=str(stage1_export), warmup_steps=2, lr=3e-3, lora=LORA,
-                export_dir=str(root / "export"), **kw)
-    data = SFTDataModule(mode="discrete", speech_export=str(stage1_export), tokens_dir=str(work / "tokens"),
-                         sft_dir=str(work / "sft"), data_dir=str(prepared), batch_size=4, num_workers=0,
-                         max_length=512)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
-                        val_check_interval=steps, check_val_every_n_epoch=None, callbacks=callbacks,
-                        default_root_dir=str(root), plugins=[AtomicCheckpointIO()])
-    return model, data, trainer
+    """Stage 4 (discrete) with LoRA on the stage-2 export, as tests/test_stage4.py builds it."""
+    return make("discrete", prepared, stage1_export, work, root, steps, callbacks, init_from=str(stage2_export),
+                lora=LORA, **kw)
 
 
 @pytest.fixture(scope="module")
