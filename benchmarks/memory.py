@@ -12,7 +12,8 @@ RSS before the model was built (CPU only, as the tiny recipes run). Beside it, t
 Estimated (paper): the paper recipe's network (``recipes/paper/stageN.yaml``) is built on the meta device (no memory);
 per GPU, FSDP2 over N = num_nodes · devices GPUs (``--gpus`` overrides), bf16-mixed as ``apply_fsdp`` sets it up:
 
-    states      = (4 · P + 12 · P_train) / N            float32 sharded weights; float32 grads + AdamW m, v (trainable)
+    states      = (bytes(P) + 12 · P_train) / N         sharded weights in their dtype (float32; a LoRA base in bf16);
+                                                        float32 grads + AdamW m, v of the trainable ones
     gathered    = 2 · P_root + 8 · P_block              root group kept whole in bf16; two blocks gathered in bf16
                                                         (current + prefetched) and one block's float32 grads before
                                                         the reduce-scatter
@@ -22,6 +23,8 @@ per GPU, FSDP2 over N = num_nodes · devices GPUs (``--gpus`` overrides), bf16-m
                   attention in/out, MLP in/out; c = 4 SwiGLU, 2 GELU; Whisper decoder layers + 12 h + 8 kv for the
                   cross-attention); layers with no trainable parameter (frozen encoder) keep none
     logits      = b · t · V · 10                        bf16 logits, their float32 copy for the loss and its gradient
+                = c · V · 10 + 4 · V · h                with loss_chunk c: one chunk's logits, softmax and gradient,
+                                                        and the float32 gradient of a trained output layer
 b = batch per GPU, t = positions per row in that layer group, h = width, kv = key/value width, I = FFN width,
 V = padded vocabulary. Not counted: the CUDA context (~0.5-1 GB), allocator fragmentation, NCCL buffers, the data
 loader. A planning figure, not a measurement.
@@ -127,6 +130,10 @@ def tiny_lm(path: str, length_key: str, default_len: int) -> Callable[[], tuple[
         r = recipe(path)
         codebook = SpeechTokenizerConfig.from_name("tiny").codebook_size
         model = Transformer(lm_config(r, speech_vocab(TINY_TEXT_VOCAB, codebook)))
+        if model_args(r).get("lora"):
+            from lit_keomni.nn.lora import LoRAConfig, apply_lora
+
+            apply_lora(model, LoRAConfig.from_dict(model_args(r)["lora"]))
         d = data_args(r)
         b, t = d.get("batch_size", 16), d.get(length_key, default_len)
         ids = torch.randint(0, model.config.vocab_size, (b, t + 1))
@@ -199,6 +206,7 @@ class Paper:
     vocab: int
     gpus: int
     activation_checkpointing: bool
+    loss_chunk: int = 0
 
 
 def layer_bytes_per_token(layer: nn.Module) -> tuple[int, int]:
@@ -231,11 +239,19 @@ def estimate(p: Paper, gpus: int | None) -> dict[str, float]:
             one_block = max(one_block, p.batch * g.tokens * a)
     if p.activation_checkpointing:
         act += one_block
-    out = {"P": P, "P_train": P_train, "gpus": n, "states": (4 * P + 12 * P_train) / n,
-           "gathered": 2 * P_root + 8 * P_block, "activations": act,
-           "logits": p.batch * p.logit_tokens * p.vocab * 10}
+    head = p.model.get_parameter(_head_name(p.model))
+    h = head.shape[1] if p.loss_chunk and head.requires_grad else 0  # a frozen head (LoRA) gets no gradient
+    logits = (min(p.loss_chunk, p.batch * p.logit_tokens) * p.vocab * 10 + 4 * p.vocab * h if p.loss_chunk
+              else p.batch * p.logit_tokens * p.vocab * 10)
+    weights = sum(x.numel() * x.element_size() for x in params)
+    out = {"P": P, "P_train": P_train, "gpus": n, "states": (weights + 12 * P_train) / n,
+           "gathered": 2 * P_root + 8 * P_block, "activations": act, "logits": logits}
     out["total"] = out["states"] + out["gathered"] + out["activations"] + out["logits"]
     return out
+
+
+def _head_name(model: nn.Module) -> str:
+    return next(n for n, _ in model.named_parameters() if n.endswith("lm_head.weight"))
 
 
 def _on_meta(fn: Callable[[], nn.Module]) -> nn.Module:
@@ -260,17 +276,31 @@ def paper_stage1() -> Paper:
     return Paper(model, groups, data_args(r)["batch_size"], c.max_target_positions, c.vocab_size, gpus, ac)
 
 
-def paper_lm(path: str, tokens: Callable[[dict[str, Any], TransformerConfig], int]) -> Callable[[], Paper]:
+def paper_lm(path: str, tokens: Callable[[dict[str, Any], TransformerConfig], int],
+             vocab: int | None = None) -> Callable[[], Paper]:
+    """An LM paper recipe; ``vocab``: rows of a released model's own vocabulary (else the preset's + speech tokens).
+    The recipe's ``lora`` freezes the base in its ``base_dtype`` and adds the adapters."""
     def build() -> Paper:
+        from lit_keomni.nn.lora import LoRAConfig, apply_lora
+
         r = recipe(path)
+        m = model_args(r)
         codebook = SpeechTokenizerConfig.from_name("whisper-large-v3-12.5hz").codebook_size
-        base = TransformerConfig.from_name(model_args(r)["config"])
-        c = lm_config(r, speech_vocab(base.vocab_size, codebook))
+        base = TransformerConfig.from_name(m["config"])
+        c = lm_config(r, vocab or speech_vocab(base.vocab_size, codebook))
         model = _on_meta(lambda: Transformer(c))
+        if m.get("lora"):
+            lora = LoRAConfig.from_dict(m["lora"])
+            _on_meta(lambda: apply_lora(model, lora))
+            dtype = getattr(torch, lora.base_dtype) if lora.base_dtype else None
+            for x in model.parameters():
+                if not x.requires_grad and dtype is not None:
+                    x.data = x.data.to(dtype)  # every frozen weight stored in the base dtype
         gpus, ac = _paper_common(r)
         t = tokens(data_args(r), c)
         batch = data_args(r)["batch_size"]
-        return Paper(model, [Group(list(model.blocks), t)], batch, t, c.padded_vocab_size, gpus, ac)
+        return Paper(model, [Group(list(model.blocks), t)], batch, t, c.padded_vocab_size, gpus, ac,
+                     int(m.get("loss_chunk") or 0))
     return build
 
 
@@ -306,6 +336,9 @@ STAGES: dict[str, Stage] = {
     "stage4": Stage(tiny_lm("recipes/stage4.yaml", "max_length", 640),
                     paper_lm("recipes/paper/stage4.yaml", lambda d, c: d["max_length"]), "SFT, GLM-4-Voice mode"),
     "stage4_keomni": Stage(tiny_stage4_keomni, paper_stage4_keomni, "SFT, KE-Omni mode (frozen encoder)"),
+    "stage4_lora": Stage(tiny_lm("recipes/stage4_lora.yaml", "max_length", 640),
+                         paper_lm("recipes/paper/stage4_glm4voice_lora.yaml", lambda d, c: d["max_length"],
+                                  vocab=168960), "SFT with LoRA, glm-4-voice-9b on 1 GPU"),
 }
 
 
@@ -347,6 +380,12 @@ def main() -> None:
         print(f"{name:<15}{e['P'] / 1e9:>8.2f}B{e['gpus']:>6}{shape:>12}{ac:>4}"
               f"{e['states'] / GiB:>9.1f}{e['gathered'] / GiB:>10.1f}{e['activations'] / GiB:>9.1f}"
               f"{e['logits'] / GiB:>9.1f}{e['total'] / GiB:>11.1f}")
+    for name in a.stages:
+        pp = STAGES[name].paper()
+        if pp.loss_chunk:
+            full = estimate(Paper(**{**pp.__dict__, "loss_chunk": 0}), a.gpus)
+            print(f"{name}: loss_chunk {pp.loss_chunk} -> logits {estimate(pp, a.gpus)['logits'] / GiB:.1f} GiB; "
+                  f"full logits would take {full['logits'] / GiB:.1f} GiB (total {full['total'] / GiB:.1f})")
     print("b×t: rows per GPU × positions of the longest layer group (stage 1: 30 s = 1500 encoder frames; stage 2: "
           "rows of ≤ 512 tokens; stage 4 KE-Omni: 3840 LLM positions, frozen 32-layer Whisper encoder)")
 
