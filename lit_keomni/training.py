@@ -84,8 +84,10 @@ def gather_lists(values: dict[str, list]) -> dict[str, list]:
 
 
 class TokenThroughput(L.Callback):
-    """Logs training tokens/s (from ``batch["n_tokens"]``) and, on CUDA, model FLOPs utilisation (MFU) from the
-    module's ``flops_per_token`` and the device's peak bf16/fp32 FLOPs."""
+    """Logs training throughput every step, summed over ranks: ``perf/tokens_per_s`` (from ``batch["n_tokens"]``),
+    ``perf/audio_s_per_s`` (from ``batch["audio_lengths"]`` at the module's ``sample_rate``, 16 kHz by default),
+    ``perf/samples_per_s``, and on CUDA the model FLOPs utilisation ``perf/mfu`` from the module's
+    ``flops_per_token`` and the device's peak bf16/fp32 FLOPs."""
 
     def __init__(self) -> None:
         self._t: float | None = None
@@ -96,12 +98,21 @@ class TokenThroughput(L.Callback):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._t is None or not isinstance(batch, dict) or "n_tokens" not in batch:
+        if self._t is None or not isinstance(batch, dict):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t
-        tokens = float(batch["n_tokens"]) * trainer.world_size
+        ranks = trainer.world_size
+        rows = next((len(v) for k in ("input", "audio", "text") if (v := batch.get(k)) is not None), None)
+        if rows:
+            pl_module.log("perf/samples_per_s", rows * ranks / dt, on_step=True, on_epoch=False)
+        if "audio_lengths" in batch:
+            seconds = float(batch["audio_lengths"].sum()) / getattr(pl_module, "sample_rate", 16_000)
+            pl_module.log("perf/audio_s_per_s", seconds * ranks / dt, on_step=True, on_epoch=False)
+        if "n_tokens" not in batch:
+            return
+        tokens = float(batch["n_tokens"]) * ranks
         pl_module.log("perf/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
         flops = getattr(pl_module, "flops_per_token", None)
         if flops and trainer.strategy.root_device.type == "cuda":
@@ -109,7 +120,7 @@ class TokenThroughput(L.Callback):
 
             peak = get_available_flops(trainer.strategy.root_device, "bf16-true" if "bf16" in str(trainer.precision) else "32-true")
             if peak:
-                pl_module.log("perf/mfu", flops * tokens / dt / (peak * trainer.world_size), on_step=True, on_epoch=False)
+                pl_module.log("perf/mfu", flops * tokens / dt / (peak * ranks), on_step=True, on_epoch=False)
 
 
 def check_same_vocabulary(model_tokenizer: Any, data_tokenizer: Any, model_names: str, data_names: str) -> None:
