@@ -83,16 +83,15 @@ def build_lm(config: TransformerConfig, device: torch.device, lora: dict | None 
         model = Transformer(config)
         if lora:
             apply_lora(model, LoRAConfig.from_dict(lora))
+            if lora.get("base_dtype"):  # every frozen weight in the base dtype before any memory is taken
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(getattr(torch, lora["base_dtype"]))
     model.to_empty(device=device)
     model.reset_parameters()
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.reset_lora()
-    if lora and lora.get("base_dtype"):
-        dtype = getattr(torch, lora["base_dtype"])
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
     return model
 
 
@@ -183,10 +182,11 @@ def lora_sft(device: torch.device, tiny: bool, compile: bool) -> list[dict[str, 
     for name, config in models:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         model = build_lm(config.replace(block_size=max(config.block_size, t)), device, lora)
         apply_fsdp(model, mesh(device), blocks=model.blocks, param_dtype=torch.bfloat16, activation_checkpointing=True,
                    compile=compile)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         ids = torch.randint(0, config.vocab_size, (1, t + 1), device=device)
         dt = timed(lambda: train_step(model, opt, ids, device, loss_chunk=1024), device, warmup=2,
