@@ -1,6 +1,10 @@
 """Stage-1 data loading: samples/s of our litdata path beside a naive per-item loader, same items, in one process.
 
-    python benchmarks/data.py [--data data/builtin --items 512 --batch 16 --workers 2 --repeats 3 --threads N]
+    python benchmarks/data.py [--data data/builtin --data16 DIR --items 512 --batch 16 --workers 2 --repeats 3 --threads N]
+
+With ``--data16`` (the same corpus prepared at 16 kHz: ``python -m lit_keomni prepare --source DATA/corpus --format
+kespeechchat --sample-rate 16000 --out DIR``) a third loader reads chunks resampled once, at prepare time, so the
+loader only converts int16 to float; beside it, ``ours`` resamples 22,050 Hz to 16 kHz on every item of every epoch.
 
 ours   ``StreamingDataset`` over the prepared chunks (``data/builtin/chunks/train``: int16 audio + metadata, written
        once by ``prepare``) with stage 1's transform (``datamodules.tokenizer.asr_example``: int16 → float, resample
@@ -86,6 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data/builtin", help="prepared folder (chunks/train) whose source is --corpus")
     p.add_argument("--corpus", default=None, help="Ke-SpeechChat folder of the same utterances (default: DATA/corpus)")
+    p.add_argument("--data16", default=None, help="the same corpus prepared at 16 kHz (resampled at prepare time)")
     p.add_argument("--items", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
@@ -106,9 +111,12 @@ def main() -> None:
 
     logmel = LogMel(n_mels=80)
 
-    def ours() -> ResumableLoader:
-        ds = StreamingDataset(str(chunks), shuffle=False, transform=asr_example)
+    def streaming(path: Path) -> ResumableLoader:
+        ds = StreamingDataset(str(path), shuffle=False, transform=asr_example)
         return ResumableLoader(ds, batch_size=a.batch, num_workers=a.workers, collate_fn=pad_collate, drop_last=True)
+
+    def ours() -> ResumableLoader:
+        return streaming(chunks)
 
     # Warm-up of ours: fixes the item set (the ids it yields first) and warms the page cache.
     _, ids, audio_s = run_pass(ours(), None, a.items)
@@ -127,6 +135,15 @@ def main() -> None:
     if sorted(naive_ids) != sorted(ids):
         raise SystemExit("the two loaders yielded different utterances")
     make = {"ours": ours, "naive": naive}
+    if a.data16:
+        chunks16 = chunks_dir(a.data16, "train")
+        rate16 = StreamingDataset(str(chunks16))[0]["sample_rate"]
+        if rate16 != ASR_SAMPLE_RATE:
+            raise SystemExit(f"{chunks16}: stored at {rate16} Hz, not {ASR_SAMPLE_RATE} (prepare --sample-rate 16000)")
+        make["ours16"] = lambda: streaming(chunks16)
+        if sorted(run_pass(make["ours16"](), None, a.items)[1]) != sorted(ids):
+            raise SystemExit(f"{chunks16}: its first {a.items} utterances are not those of {chunks} (the two "
+                             f"prepares wrote chunks in another order: give --items the size of the train split)")
     times: dict[tuple[str, bool], list[float]] = {(k, f): [] for k in make for f in (False, True)}
     for _ in range(a.repeats):
         for features in (False, True):
@@ -140,12 +157,18 @@ def main() -> None:
           f"per batch in the main process); median of {a.repeats} alternating passes after 1 warm-up each")
     print(f"ours: {chunks}  |  naive: {corpus} (per-item JSON + wav; id → file index built once, "
           f"{index_s:.1f} s, not timed)\n")
-    print(f"{'':<22}{'ours samples/s':>16}{'naive samples/s':>17}{'ours/naive':>12}")
+    print(f"{'':<22}{'ours samples/s':>16}{'naive samples/s':>17}{'ours/naive':>12}"
+          + (f"{'ours16 samples/s':>18}{'ours16/ours':>13}" if a.data16 else ""))
     for features, what in ((False, "loader"), (True, "loader + log-mel")):
         so, sn = a.items / t["ours", features], a.items / t["naive", features]
-        print(f"{what:<22}{so:>16.1f}{sn:>17.1f}{so / sn:>11.2f}×")
+        row = f"{what:<22}{so:>16.1f}{sn:>17.1f}{so / sn:>11.2f}×"
+        if a.data16:
+            s16 = a.items / t["ours16", features]
+            row += f"{s16:>18.1f}{s16 / so:>12.2f}×"
+        print(row)
     print(f"\naudio seconds per second, loader only: ours {audio_s / t['ours', False]:.0f}, "
-          f"naive {audio_s / t['naive', False]:.0f}")
+          f"naive {audio_s / t['naive', False]:.0f}"
+          + (f", ours16 (resampled at prepare) {audio_s / t['ours16', False]:.0f}" if a.data16 else ""))
 
 
 if __name__ == "__main__":

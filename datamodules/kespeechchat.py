@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-import soxr
 
 from lit_keomni.atomic import write_json
 
@@ -115,7 +114,16 @@ class Utterance:
     words: tuple[tuple[str, float, float], ...] | None
     source: Path
     duration: float = 0.0
-    """Length of the wav in seconds (from its header)."""
+    """Length of the clip in seconds (from the wav's header, or the segment's length)."""
+    offset: float = 0.0
+    """Seconds into the audio file where the clip starts (segments of long recordings)."""
+    clip: float | None = None
+    """Seconds read from ``offset``; None = to the end of the file."""
+    channel: int | None = None
+    """Channel of a multi-channel file the clip is on; None = all channels averaged."""
+    row: int | None = None
+    """Row of a parquet/arrow file (``audio_path``) whose ``column`` holds the encoded audio; None = a plain audio file."""
+    column: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -352,7 +360,7 @@ def collect_utterances(source: str | Path, *, sample_rate: int, max_duration: fl
                 bad_turns.append(e)
     rejected = bad_dialogues + bad_turns
     if rejected:
-        _report(rejected, report_path, source)
+        write_report(rejected, report_path, source)
         log.warning("%s: skipped %d of %d utterances and %d invalid dialogues, kept %d%s", source, len(bad_turns),
                     n_turns, len(bad_dialogues), len(utterances), f", see {report_path}" if report_path else "")
     if not utterances:
@@ -368,23 +376,9 @@ def _utterance(d: Dialogue, i: int, turn: Turn, max_duration: float) -> Utteranc
         return cls(d.source, reason, dialogue_id=d.id, field=field)
 
     path = (d.source.parent / turn.audio_path).resolve()
-    if not path.is_file():
-        raise fail(f"audio file not found: {path}", MissingAudioError)
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # libsndfile raises its own error types; any of them means "unreadable"
-        raise fail(f"unreadable audio {path}: {e}") from None
-    if info.frames <= 0:
-        raise fail(f"empty audio (0 frames): {path}")
-    duration = info.frames / info.samplerate
+    duration = audio_duration(path, fail)
     if duration > max_duration:
         raise fail(f"clip is {duration:.2f} s, longer than max_duration {max_duration} s: {path}")
-    if info.subtype in ("FLOAT", "DOUBLE"):
-        # Only float wavs can hold NaN/inf (PCM cannot, so those stay header-only): read these now, so a bad clip is
-        # reported or skipped here instead of failing later inside a litdata worker of `prepare`.
-        data, _ = sf.read(str(path), dtype="float32", always_2d=True)
-        if not np.isfinite(data).all():
-            raise fail(f"{int((~np.isfinite(data)).sum())} NaN/inf samples: {path}")
     info_spk = d.speakers[turn.speaker]
     language = next(ch["language"] for ch in d.channels if ch["channel_index"] == turn.channel)
     words = tuple((w.word, w.start, w.end) for w in turn.words) if turn.words is not None else None
@@ -393,7 +387,35 @@ def _utterance(d: Dialogue, i: int, turn: Turn, max_duration: float) -> Utteranc
                      end=turn.end, words=words, source=d.source, duration=duration)
 
 
-def _report(rejected: list[KeSpeechChatError], report_path: Path | None, source: Path) -> None:
+def audio_duration(path: Path | Any, fail: Any) -> float:
+    """Seconds of audio in ``path`` (a file, or a file-like object of encoded audio), from its header.
+
+    ``fail(reason, cls)`` builds the error raised for a missing, unreadable or empty file, or NaN/inf samples.
+    Only float files, the only kind that can hold NaN/inf, are read whole (PCM stays header-only), so a bad clip is
+    reported or skipped here instead of failing later inside a litdata worker of ``prepare``.
+    """
+    name = path if isinstance(path, Path) else "audio"
+    if isinstance(path, Path) and not path.is_file():
+        raise fail(f"audio file not found: {path}", MissingAudioError)
+    try:
+        info = sf.info(path if not isinstance(path, Path) else str(path))
+        if info.subtype in ("FLOAT", "DOUBLE"):
+            if not isinstance(path, Path):
+                path.seek(0)
+            data, _ = sf.read(path if not isinstance(path, Path) else str(path), dtype="float32", always_2d=True)
+            if not np.isfinite(data).all():
+                raise fail(f"{int((~np.isfinite(data)).sum())} NaN/inf samples: {name}")
+    except KeSpeechChatError:
+        raise
+    except Exception as e:  # libsndfile raises its own error types; any of them means "unreadable"
+        raise fail(f"unreadable audio {name}: {e}") from None
+    if info.frames <= 0:
+        raise fail(f"empty audio (0 frames): {name}")
+    return info.frames / info.samplerate
+
+
+def write_report(rejected: list[KeSpeechChatError], report_path: Path | None, source: Path) -> None:
+    """Every rejected item with its reason as JSONL in ``report_path`` (or each as a warning without one)."""
     rows = [{"source": e.source, "dialogue_id": e.dialogue_id, "field": e.field,
              "reason": e.reason if e.line is None else f"line {e.line}: {e.reason}"} for e in rejected]
     if report_path is not None:
@@ -405,31 +427,44 @@ def _report(rejected: list[KeSpeechChatError], report_path: Path | None, source:
             log.warning("%s: skipped: %s", source, e)
 
 
-def load_audio(path: Path, sample_rate: int, *, context: str = "") -> np.ndarray:
-    """Read a wav as float32 mono at `sample_rate`: stereo is averaged, another rate is resampled with soxr.
+def load_audio(path: Path | Any, sample_rate: int, *, context: str = "", offset: float = 0.0,
+               duration: float | None = None, channel: int | None = None) -> np.ndarray:
+    """Read audio as float32 mono at `sample_rate`: stereo is averaged (or `channel` taken), another rate is resampled
+    with soxr. `offset` and `duration` (seconds) cut a segment; `path` may also be a file-like object of encoded audio.
 
     Raises `KeSpeechChatError` naming the file (and `context`, e.g. the dialogue and field) when the file is
     unreadable, empty or holds NaN/inf samples; `MissingAudioError` when it does not exist.
     """
-    path = Path(path)
+    from lit_keomni.nn.audio import resample
+
+    is_file = isinstance(path, (str, Path))
+    path = Path(path) if is_file else path
+    name = path if is_file else "audio"
 
     def fail(reason: str, cls: type[KeSpeechChatError] = KeSpeechChatError) -> KeSpeechChatError:
-        return cls(path, reason, field=f"({context})" if context else "")
+        return cls(name, reason, field=f"({context})" if context else "")
 
-    if not path.is_file():
+    if is_file and not path.is_file():
         raise fail("audio file not found", MissingAudioError)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path) if is_file else path) as f:
+            rate = f.samplerate
+            if offset:
+                f.seek(int(round(offset * rate)))
+            data = f.read(-1 if duration is None else int(round(duration * rate)), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile error types differ across versions
         raise fail(f"unreadable audio: {e}") from None
     if data.shape[0] == 0:
-        raise fail("empty audio (0 frames)")
-    audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        raise fail("empty audio (0 frames)" if not offset else f"no audio at offset {offset} s")
+    if channel is not None and data.shape[1] > 1:
+        if not 0 <= channel < data.shape[1]:
+            raise fail(f"channel {channel} not in a file of {data.shape[1]} channels")
+        audio = data[:, channel]
+    else:
+        audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(audio).all():
         raise fail(f"{int((~np.isfinite(audio)).sum())} NaN/inf samples")
-    if rate != sample_rate:
-        audio = soxr.resample(audio, rate, sample_rate)
-    return np.ascontiguousarray(audio, dtype=np.float32)
+    return np.ascontiguousarray(resample(audio, rate, sample_rate), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------- writing

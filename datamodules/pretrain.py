@@ -193,6 +193,10 @@ class Packing:
 
     def _documents(self, items: Iterable[dict[str, Any]]) -> Iterator[tuple[list[int], list[bool]]]:
         for item in items:
+            if self.source in ("asr", "tts") and not item["text"]:
+                # unsupervised speech (a corpus prepared without transcripts) feeds the speech source only
+                self.counts["untranscribed"] = self.counts.get("untranscribed", 0) + 1
+                continue
             self.counts["documents"] += 1
             yield document(self.source, self.tokenizer, item)
 

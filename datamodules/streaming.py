@@ -26,13 +26,39 @@ import numpy as np
 import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, optimize
 
-from datamodules.kespeechchat import Utterance, collect_utterances, load_audio
+from datamodules.kespeechchat import Utterance, collect_utterances
+from datamodules.sources import FORMATS, SourceOptions, detect_format, gather, read_source, read_text, utterance_audio
 from lit_keomni.atomic import remove_stale, staged_dir, write_json
 
 log = logging.getLogger(__name__)
 
 STAMP = "prepared.json"
 SPLITS = ("train", "val")
+
+
+CLOUD_PREFIXES = ("s3://", "gs://", "gcs://", "azure://", "hf://", "r2://", "local:")
+"""URL schemes litdata streams and caches (``local:`` is its stand-in for object storage, over a local folder)."""
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether ``path`` is an object-storage URL litdata streams (``s3://bucket/prepared``)."""
+    return str(path).startswith(CLOUD_PREFIXES)
+
+
+def _source_entry(entry: dict[str, Any], i: int) -> dict[str, Any]:
+    """A checked ``data.sources`` entry: ``{path, weight[, source, format, language]}``."""
+    where = f"data.sources[{i}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping {{path, weight}}, got {type(entry).__name__} {entry!r}")
+    unknown = set(entry) - {"path", "weight", "source", "format", "language"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected path, weight, source, format, language")
+    if not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise ValueError(f"{where}.path: missing (a prepared folder or cloud URL)")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ValueError(f"{where}.weight: expected a positive number, got {weight!r}")
+    return {**entry, "weight": float(weight), "name": f"{i}-{Path(entry['path'].rstrip('/')).name}"}
 
 
 def chunks_dir(data_dir: str | Path, split: str) -> Path:
@@ -48,7 +74,7 @@ def utterance_item(u: Utterance, sample_rate: int) -> dict[str, Any]:
 
     Module level because ``litdata.optimize`` runs it in spawned worker processes.
     """
-    audio = load_audio(u.audio_path, sample_rate, context=f"{u.source}: dialogue '{u.dialogue_id}' dialog[{u.turn}].audio_path")
+    audio = utterance_audio(u, sample_rate)
     pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
     return {
         "id": u.id,
@@ -92,13 +118,21 @@ def write_chunks(fn: Any, inputs: list[Any], out_dir: Path, *, workers: int, chu
                  num_workers=max(1, min(workers, len(inputs))), mode="overwrite", verbose=False)
 
 
+DIALOGUE_RATE = 22050
+"""Rate of dialogue corpora (the built-in one, Ke-SpeechChat): the vocoder stages train at it."""
+SPEECH_RATE = 16000
+"""Rate of ASR and speech corpora: the Whisper-style front end of stage 1 (and ``tokenize``) reads 16 kHz."""
+
+
 def prepare(
     out: str | Path,
     source: str | Path | None = None,
     *,
+    format: str | None = None,
+    options: SourceOptions | None = None,
     num_dialogues: int = 1200,
     seed: int = 1234,
-    sample_rate: int = 22050,
+    sample_rate: int | None = None,
     max_duration: float = 30.0,
     val_fraction: float = 0.06,
     skip_invalid: bool = False,
@@ -106,11 +140,14 @@ def prepare(
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Validate dialogues and write ``out/chunks/{train,val}``, ``out/tokenizer.json`` and the ``out/prepared.json`` stamp.
+    """Validate a corpus and write ``out/chunks/{train,val}``, ``out/tokenizer.json`` and the ``out/prepared.json`` stamp.
 
-    Without ``source`` the built-in bilingual corpus is synthesised into ``out/corpus`` first, and a text corpus of the
-    same toy world is written to ``out/text/toy_world.jsonl``.
-    Returns the stamp (counts and settings).
+    ``format`` is one of ``sources.FORMATS`` (None = detected from the layout); ``options`` its language and column
+    names. Without ``source`` the built-in bilingual corpus is synthesised into ``out/corpus`` first, and a text corpus
+    of the same toy world is written to ``out/text/toy_world.jsonl``. Audio is decoded and resampled once, here, to
+    ``sample_rate`` (None = 22,050 Hz for dialogues, 16 kHz for the other speech formats). A ``text`` corpus becomes
+    text chunks in ``out/text`` (stage 3's ``text_source``). Utterances without transcripts (unsupervised speech) are
+    kept; the tokenizer is trained on those with one. Returns the stamp (counts and settings).
     """
     from datamodules.corpus import build_corpus
     from datamodules.toy_world import write_text_corpus
@@ -118,14 +155,26 @@ def prepare(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    options = options or SourceOptions()
+    fmt = "kespeechchat" if source is None else format or detect_format(source)
+    if fmt not in FORMATS:
+        raise ValueError(f"prepare: unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "text":
+        return prepare_text(out, Path(source), options)
+    sample_rate = sample_rate or (DIALOGUE_RATE if fmt == "kespeechchat" else SPEECH_RATE)
     if source is None:
         source = build_corpus(out / "corpus", num_dialogues=num_dialogues, seed=seed, sample_rate=sample_rate,
                               workers=workers, progress=progress)
         # the same toy world as text only, for `interleave` and the text share of stage 3
         write_text_corpus(out / "text" / "toy_world.jsonl", seed=seed, num_dialogues=num_dialogues)
     report = out / "rejected.jsonl"
-    utts = collect_utterances(source, sample_rate=sample_rate, max_duration=max_duration,
-                              skip_invalid=skip_invalid, report_path=report)
+    report.unlink(missing_ok=True)
+    if fmt == "kespeechchat":
+        utts = collect_utterances(source, sample_rate=sample_rate, max_duration=max_duration,
+                                  skip_invalid=skip_invalid, report_path=report)
+    else:
+        utts = gather(read_source(source, fmt, options), source, max_duration=max_duration,
+                      skip_invalid=skip_invalid, report_path=report)
     by_split: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
     for u in utts:
         by_split[split_of(u.dialogue_id, val_fraction)].append(u)
@@ -140,19 +189,36 @@ def prepare(
         # Written in order of duration, in small chunks: litdata shuffles chunk order and items within a chunk, so a
         # batch drawn from one chunk holds clips of similar length and little padding (bucketing for free).
         items = sorted(items, key=lambda u: (u.duration, u.id))
-        write_chunks(_ItemFn(sample_rate), items, chunks_dir(out, split), workers=workers, chunk_bytes="8MB")
+        if workers <= 1:  # in this process: a spawned litdata worker would only add its start-up
+            write_items(map(_ItemFn(sample_rate), items), chunks_dir(out, split), chunk_bytes="8MB")
+        else:
+            write_chunks(_ItemFn(sample_rate), items, chunks_dir(out, split), workers=workers, chunk_bytes="8MB")
     tok_path = out / "tokenizer.json"
-    if not tok_path.is_file():
-        TextTokenizer.train([u.text for u in by_split["train"]], vocab_size=tokenizer_vocab).save(out)
+    texts = [u.text for u in by_split["train"] if u.text]
+    if not tok_path.is_file() and texts:
+        TextTokenizer.train(texts, vocab_size=tokenizer_vocab).save(out)
     stamp = {
         "source": str(source),
+        "format": fmt,
         "sample_rate": sample_rate,
+        "transcribed": {s: sum(bool(u.text) for u in v) for s, v in by_split.items()},
         "max_duration": max_duration,
         "val_fraction": val_fraction,
         "utterances": {s: len(v) for s, v in by_split.items()},
         "hours": {s: round(sum(u.end - u.start for u in v) / 3600, 3) for s, v in by_split.items()},
         "rejected_report": str(report) if report.exists() else None,
     }
+    write_json(out / STAMP, stamp)
+    return stamp
+
+
+def prepare_text(out: Path, source: Path, options: SourceOptions) -> dict[str, Any]:
+    """Text documents of ``source`` (``sources.read_text``) as litdata chunks ``{id, text}`` in ``out/text``, read by
+    ``interleave`` and stage 3 (``text_source: out/text``); returns the stamp."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such text corpus")
+    n = write_items(({"id": str(i), "text": t} for i, t in read_text(source, options)), out / "text", chunk_bytes="16MB")
+    stamp = {"source": str(source), "format": "text", "documents": n, "text_source": str(out / "text")}
     write_json(out / STAMP, stamp)
     return stamp
 
@@ -215,27 +281,40 @@ class StreamingDataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 1234,
         num_dialogues: int = 1200,
-        sample_rate: int = 22050,
+        sample_rate: int | None = None,
         max_duration: float = 30.0,
         val_fraction: float = 0.06,
         skip_invalid: bool = False,
+        format: str | None = None,
+        language: str = "en",
+        sources: list[dict[str, Any]] | None = None,
     ) -> None:
         """
         Args:
             data_dir: Folder of prepared chunks (``chunks/train``, ``chunks/val``, ``tokenizer.json``); built if missing.
-            source: Ke-SpeechChat dialogues to prepare into ``data_dir`` (folder, JSON list or JSONL); None = built-in corpus.
+            source: A corpus to prepare into ``data_dir`` (see ``format``); None = built-in corpus.
             batch_size: Examples per batch and device.
             num_workers: Loader worker processes (``prepare`` uses every CPU core).
             seed: Seed of the built-in corpus and of the shuffling order.
             num_dialogues: Size of the built-in corpus.
-            sample_rate: Sample rate audio is stored at in the chunks.
+            sample_rate: Sample rate audio is decoded to once, in ``prepare``; None = 22,050 Hz for dialogues,
+                16 kHz for ASR/speech corpora.
             max_duration: Longest accepted clip in seconds; longer ones are an error (or a counted skip).
-            val_fraction: Fraction of dialogues held out for validation.
-            skip_invalid: Skip invalid dialogues/turns, listing each with its reason in ``data_dir/rejected.jsonl``.
+            val_fraction: Fraction of dialogues (recordings) held out for validation.
+            skip_invalid: Skip invalid items, listing each with its reason in ``data_dir/rejected.jsonl``.
+            format: Layout of ``source``: kespeechchat, lhotse, kaldi, hf, folder (None = detected).
+            language: Language of ``source``'s items that do not name their own.
+            sources: A weighted mixture of prepared corpora instead of ``data_dir``: ``[{path, weight}, ...]``, each
+                ``path`` a prepared folder or cloud URL (``s3://...``); an entry with ``source`` (and optional
+                ``format``, ``language``) is prepared into ``path`` when missing. Training draws items by weight;
+                validation reads every source's val split.
         """
         super().__init__()
         self.data_dir = data_dir
         self.source = source
+        self.format = format
+        self.language = language
+        self.mixture_sources = [_source_entry(e, i) for i, e in enumerate(sources or [])]
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -254,10 +333,20 @@ class StreamingDataModule(L.LightningDataModule):
 
     def build_missing(self) -> None:
         """Create whatever this module reads and is missing (run once, on local rank 0, by ``prepare_data``)."""
-        if not is_prepared(self.data_dir):
-            prepare(self.data_dir, self.source, num_dialogues=self.num_dialogues, seed=self.seed,
-                    sample_rate=self.sample_rate, max_duration=self.max_duration, val_fraction=self.val_fraction,
-                    skip_invalid=self.skip_invalid, workers=os.cpu_count() or 1)
+        corpora = self.mixture_sources or [{"path": self.data_dir, "source": self.source, "format": self.format,
+                                            "language": self.language}]
+        for c in corpora:
+            if is_remote(c["path"]) or is_prepared(c["path"]):
+                continue
+            if self.mixture_sources and not c.get("source"):
+                raise FileNotFoundError(f"{c['path']}: data.sources entry is not prepared (no {STAMP}); run "
+                                        f"`python -m lit_keomni prepare --source CORPUS --out {c['path']}` or give it "
+                                        f"a 'source'")
+            prepare(c["path"], c.get("source"), format=c.get("format"),
+                    options=SourceOptions(language=c.get("language") or self.language),
+                    num_dialogues=self.num_dialogues, seed=self.seed, sample_rate=self.sample_rate,
+                    max_duration=self.max_duration, val_fraction=self.val_fraction, skip_invalid=self.skip_invalid,
+                    workers=os.cpu_count() or 1)
 
     # Plain module-level functions, not bound methods: loader workers may be spawned, and pickling a bound method
     # would drag the whole DataModule (and its Trainer) into every worker.
@@ -270,17 +359,34 @@ class StreamingDataModule(L.LightningDataModule):
         """Folder whose ``chunks/{train,val}`` this module reads (the prepared utterances by default)."""
         return self.data_dir
 
+    def source_root(self, entry: dict[str, Any]) -> str:
+        """Folder whose ``chunks/{train,val}`` this module reads for one ``sources`` entry (its prepared path)."""
+        return entry["path"]
+
     def dataset(self, split: str, root: str | None = None) -> StreamingDataset:
-        """The chunks of ``split`` under ``root`` (default ``chunks_root()``); train shuffled."""
-        path = chunks_dir(root or self.chunks_root(), split)
+        """The chunks of ``split`` under ``root`` (default ``chunks_root()``; a cloud URL is streamed and cached by
+        litdata); train shuffled."""
+        root = root or self.chunks_root()
+        if is_remote(root):
+            return StreamingDataset(f"{root.rstrip('/')}/chunks/{split}", shuffle=split == "train", seed=self.seed,
+                                    transform=self.transform)
+        path = chunks_dir(root, split)
         if not (path / "index.json").is_file():
-            raise FileNotFoundError(f"{path}: no litdata chunks (index.json); run `python -m lit_keomni prepare --out {self.data_dir}`")
+            raise FileNotFoundError(f"{path}: no litdata chunks (index.json); run `python -m lit_keomni prepare --out {root}`")
         return StreamingDataset(str(path), shuffle=split == "train", seed=self.seed, transform=self.transform)
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
-            if split not in self.datasets:
+            if split in self.datasets:
+                continue
+            if not self.mixture_sources:
                 self.datasets[split] = self.dataset(split)
+                continue
+            sets = [self.dataset(split, self.source_root(c)) for c in self.mixture_sources]
+            if split == "train":
+                self.datasets[split] = Mixture(sets, [c["weight"] for c in self.mixture_sources], self.seed)
+            else:
+                self.datasets[split] = CombinedStreamingDataset(sets, seed=self.seed, iterate_over_all=True)
 
     def _loader(self, split: str) -> StreamingDataLoader:
         return ResumableLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,

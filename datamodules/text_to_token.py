@@ -6,11 +6,13 @@ export into ``tokens_dir``. Sequences are ``text <|begin_of_audio|> speech <|end
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from datamodules.streaming import StreamingDataModule
+from datamodules.streaming import STAMP, StreamingDataModule, is_remote
 from lit_keomni.checkpoints import lm_tokenizer
 from lit_keomni.speech_tokens import tokenize, tokens_are_current
 from lit_keomni.text.templates import pad_batch, tts
@@ -56,7 +58,8 @@ class TextToTokenDataModule(StreamingDataModule):
                 The model must name the same.
             tokens_dir: Speech-token chunks of ``data_dir`` (made by ``tokenize`` if missing or from another export).
             tokenize_workers: Processes for that ``tokenize`` run.
-            **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, ...).
+            **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, sources, ...); with
+                ``sources``, each corpus is tokenized into ``tokens_dir/<index>-<name>`` and drawn by weight.
         """
         super().__init__(**kwargs)
         self.speech_export = speech_export
@@ -67,10 +70,23 @@ class TextToTokenDataModule(StreamingDataModule):
 
     def build_missing(self) -> None:
         super().build_missing()
-        if not tokens_are_current(self.tokens_dir, self.speech_export):
-            tokenize(self.speech_export, self.data_dir, self.tokens_dir, workers=self.tokenize_workers)
+        pairs = [(c["path"], self.source_root(c)) for c in self.mixture_sources] or [(self.data_dir, self.tokens_dir)]
+        for data, tokens in pairs:
+            if is_remote(data):
+                raise ValueError(f"{data}: stage 2 tokenizes each corpus into tokens_dir and reads it locally; give "
+                                 f"this data.sources entry a local prepared folder")
+            stamp = Path(data) / STAMP
+            if stamp.is_file() and not json.loads(stamp.read_text(encoding="utf-8")).get("transcribed", {"train": 1})["train"]:
+                raise ValueError(f"{stamp}: field 'transcribed' is 0: stage 2 learns text -> speech and needs a "
+                                 f"corpus with transcripts (unsupervised speech belongs to stage 3)")
+            if not tokens_are_current(tokens, self.speech_export):
+                tokenize(self.speech_export, data, tokens, workers=self.tokenize_workers)
 
     def chunks_root(self) -> str:
         return self.tokens_dir
+
+    def source_root(self, entry: dict[str, Any]) -> str:
+        """Speech tokens of one ``sources`` entry: ``tokens_dir/<index>-<name>``."""
+        return str(Path(self.tokens_dir) / entry["name"])
 
     collate = staticmethod(tts_collate)

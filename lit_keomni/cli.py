@@ -1,7 +1,7 @@
 """The command line: LightningCLI for ``fit``/``validate``/``test`` and a few data commands, each a thin call.
 
     python -m lit_keomni fit --config recipes/stage1.yaml
-    python -m lit_keomni prepare [--source PATH] --out data/builtin
+    python -m lit_keomni prepare [--source PATH [--format kespeechchat|lhotse|kaldi|hf|folder|text]] --out data/builtin
     python -m lit_keomni tokenize --export checkpoints/stage1/export --data data/builtin --out data/tokens
     python -m lit_keomni units fit --hubert DIR --layer 9 --k 4000 --data data/builtin --out checkpoints/units
     python -m lit_keomni units apply --units checkpoints/units --data data/builtin --out data/units
@@ -15,6 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lit_keomni.checkpoints import AtomicCheckpointIO, CheckpointLoadError
@@ -46,7 +50,7 @@ def usage() -> str:
         "  validate --config RECIPE   run validation (add --ckpt_path checkpoints/stageN/last.ckpt)",
         "  test --config RECIPE       run the test loop",
         "data:",
-        "  prepare                    build the built-in corpus (or --source your Ke-SpeechChat data) into litdata chunks",
+        "  prepare                    build the built-in corpus (or --source your corpus, --format ...) into litdata chunks",
         "  tokenize                   encode prepared audio into speech tokens with a stage-1 export",
         "  interleave                 synthesise interleaved speech-text data from text with a stage-2 export",
         "  units fit|apply            HuBERT k-means speech units (fit a units export; write unit ids like tokenize)",
@@ -66,6 +70,73 @@ def usage() -> str:
         "recipes:",
         *(f"  {r}" for r in _recipes()),
     ]
+    return "\n".join(lines)
+
+
+class StepProgressBar(RichProgressBar):
+    """``RichProgressBar`` whose training bar counts optimizer steps of ``max_steps`` ("Step 120/800 · epoch 6") when
+    a run is bounded by steps (Lightning's own reads "Epoch 6/-2" there, as max_epochs is -1)."""
+
+    def _steps_mode(self) -> bool:
+        return self.trainer.max_steps > 0
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._steps_mode():
+            return super()._get_train_description(current_epoch)
+        return f"Step {self.trainer.global_step}/{self.trainer.max_steps} · epoch {current_epoch}"
+
+    def _show_steps(self) -> None:
+        if self.is_disabled or self.progress is None or self.train_progress_bar_id is None or not self._steps_mode():
+            return
+        self.progress.update(self.train_progress_bar_id, total=self.trainer.max_steps,
+                             completed=self.trainer.global_step,
+                             description=self._get_train_description(self.trainer.current_epoch))
+        self.refresh()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_steps()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_steps()
+
+
+class FitSummary(L.Callback):
+    """Remembers the step of the last validation, for the figures ``fit_summary`` prints at the end of ``fit``."""
+
+    def __init__(self) -> None:
+        self.val_step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.val_step = trainer.global_step
+
+
+def fit_summary(trainer: L.Trainer, model: L.LightningModule) -> str:
+    """What a finished ``fit`` gives the user: steps, the last validation figures (CER/WER, losses), the export and
+    the last checkpoint."""
+    lines = [f"fit finished: step {trainer.global_step}" + (f"/{trainer.max_steps}" if trainer.max_steps > 0 else "")]
+    val = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())
+           if k.startswith("val") and getattr(v, "numel", lambda: 1)() == 1}
+    summary = next((c for c in trainer.callbacks if isinstance(c, FitSummary)), None)
+    if val:
+        at = f" (at step {summary.val_step})" if summary is not None and summary.val_step is not None else ""
+        width = max(len(k) for k in val)
+        lines.append(f"final validation{at}:")
+        lines += [f"  {k:<{width}}  {v:.4g}" for k, v in val.items()]
+    else:
+        lines.append("final validation: none ran (set trainer.val_check_interval / limit_val_batches)")
+    from lit_keomni.checkpoints import Export
+
+    export = next((c for c in trainer.callbacks if isinstance(c, Export)), None)
+    target = export and (export.dirpath or model.hparams.get("export_dir"))
+    if target and Path(target).exists():
+        lines.append(f"export: {target}")
+    ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")), None)
+    if ckpt is not None:
+        lines.append(f"last checkpoint: {ckpt.last_model_path}")
     return "\n".join(lines)
 
 
@@ -100,33 +171,61 @@ class KeOmniCLI(LightningCLI):
         plugins = list(kwargs.pop("plugins", None) or [])
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        # Recipes name Lightning's RichProgressBar; ours counts steps of max_steps (same settings).
+        for i, cb in enumerate(trainer.callbacks):
+            if type(cb) is RichProgressBar:
+                trainer.callbacks[i] = StepProgressBar(refresh_rate=cb.refresh_rate, leave=cb._leave, theme=cb.theme,
+                                                       console_kwargs=cb._console_kwargs)
+        trainer.callbacks.append(FitSummary())
+        return trainer
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer, self.model))
 
 
 def prepare_command(argv: list[str]) -> None:
+    from datamodules.sources import FORMATS, SourceOptions
     from datamodules.streaming import prepare
 
     p = argparse.ArgumentParser(prog="python -m lit_keomni prepare",
-                                description="Validate Ke-SpeechChat dialogues (or build the built-in corpus) and write litdata chunks.")
+                                description="Validate a corpus (or build the built-in one) and write the litdata chunks every stage reads.")
     p.add_argument("--source", default=None,
-                   help="your Ke-SpeechChat data: a folder of per-dialogue JSON, a JSON list, or JSONL (default: built-in corpus)")
-    p.add_argument("--out", default="data/builtin", help="output folder: chunks/{train,val}, tokenizer.json, prepared.json")
+                   help="your corpus: Ke-SpeechChat JSON, a lhotse CutSet or recordings+supervisions, a Kaldi data "
+                        "folder, a Hugging Face dataset (save_to_disk folder or parquet), a folder of audio (+ .txt/.lab "
+                        "transcripts), or text (.txt/.jsonl/.parquet) (default: built-in corpus)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="layout of --source (default: detected)")
+    p.add_argument("--out", default="data/builtin", help="output folder: chunks/{train,val}, tokenizer.json, prepared.json "
+                                                         "(text: text/)")
+    p.add_argument("--language", default="en", help="language of items that do not name their own")
+    p.add_argument("--audio-column", default="audio", help="hf: column of the audio (bytes or paths)")
+    p.add_argument("--text-column", default="text", help="hf and parquet text: column of the transcript / document")
+    p.add_argument("--language-column", default=None, help="hf: column of each row's language")
     p.add_argument("--num-dialogues", type=int, default=1200, help="size of the built-in corpus")
     p.add_argument("--seed", type=int, default=1234, help="seed of the built-in corpus")
-    p.add_argument("--sample-rate", type=int, default=22050, help="rate audio is stored at (other rates are resampled)")
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="rate audio is decoded to, once, here (default: 22050 for dialogues, 16000 for ASR/speech)")
     p.add_argument("--max-duration", type=float, default=30.0, help="longest accepted clip in seconds")
-    p.add_argument("--val-fraction", type=float, default=0.06, help="fraction of dialogues held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.06, help="fraction of dialogues/recordings held out for validation")
     p.add_argument("--tokenizer-vocab", type=int, default=600,
                    help="BPE vocabulary trained on the transcripts (small: every Chinese character plus a few hundred "
                         "English pieces, which a tiny ASR model learns from little data)")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--skip-invalid", action="store_true",
-                   help="skip invalid dialogues/turns, writing each with its reason to OUT/rejected.jsonl, instead of stopping")
+                   help="skip invalid items, writing each with its reason to OUT/rejected.jsonl, instead of stopping")
     a = p.parse_args(argv)
-    stamp = prepare(a.out, a.source, num_dialogues=a.num_dialogues, seed=a.seed, sample_rate=a.sample_rate,
-                    max_duration=a.max_duration, val_fraction=a.val_fraction, skip_invalid=a.skip_invalid,
-                    tokenizer_vocab=a.tokenizer_vocab, workers=a.workers)
-    print(f"prepared {stamp['utterances']} utterances ({stamp['hours']} h) in {a.out}")
+    options = SourceOptions(language=a.language, audio_column=a.audio_column, text_column=a.text_column,
+                            language_column=a.language_column)
+    stamp = prepare(a.out, a.source, format=a.format, options=options, num_dialogues=a.num_dialogues, seed=a.seed,
+                    sample_rate=a.sample_rate, max_duration=a.max_duration, val_fraction=a.val_fraction,
+                    skip_invalid=a.skip_invalid, tokenizer_vocab=a.tokenizer_vocab, workers=a.workers)
+    if stamp["format"] == "text":
+        print(f"prepared {stamp['documents']} text documents in {stamp['text_source']}")
+        return
+    skipped = f"; skipped items: {stamp['rejected_report']}" if stamp["rejected_report"] else ""
+    print(f"prepared {stamp['utterances']} {stamp['format']} utterances ({stamp['hours']} h, "
+          f"{stamp['sample_rate']} Hz) in {a.out}{skipped}")
 
 
 def tokenize_command(argv: list[str]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.streaming import is_remote
 from lit_keomni import checkpoints
 from lit_keomni.atomic import staged_dir, write_json
 from lit_keomni.generate import generate
@@ -44,7 +45,6 @@ SPEECH_SLACK = 8
 
 SHARD_META = "shard.json"
 RUN_META = "interleave.json"
-_CLOUD = ("s3://", "gs://", "gcs://", "azure://", "hf://", "r2://", "local:")
 
 
 # ---------------------------------------------------------------------------------------------------- spans
@@ -140,7 +140,7 @@ def read_documents(source: str | Path) -> Iterator[tuple[str, str]]:
     into chunks once and pass their URL; ``StreamingDataset`` streams them.
     """
     s = str(source)
-    if s.startswith(_CLOUD):
+    if is_remote(s):
         yield from _read_streaming(s)
         return
     path = Path(source)
@@ -341,7 +341,7 @@ def interleave_corpus(
     out = Path(out)
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    where = str(source) if str(source).startswith(_CLOUD) else str(Path(source).resolve())
+    where = str(source) if is_remote(source) else str(Path(source).resolve())
     settings = {"source": where, "ratio": ratio, "mean_span": mean_span, "seed": seed, "shard_size": shard_size,
                 "temperature": temperature, "top_k": top_k, "top_p": top_p,
                 "max_speech_per_text": max_speech_per_text, "vocab_size": tokenizer.vocab_size, "model_id": model_id}
