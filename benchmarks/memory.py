@@ -239,8 +239,8 @@ def estimate(p: Paper, gpus: int | None) -> dict[str, float]:
             one_block = max(one_block, p.batch * g.tokens * a)
     if p.activation_checkpointing:
         act += one_block
-    head = p.model.get_parameter(_head_name(p.model))
-    h = head.shape[1] if p.loss_chunk and head.requires_grad else 0  # a frozen head (LoRA) gets no gradient
+    head = p.model.get_parameter(_head_name(p.model)) if p.loss_chunk else None
+    h = head.shape[1] if head is not None and head.requires_grad else 0  # a frozen head (LoRA) gets no gradient
     logits = (min(p.loss_chunk, p.batch * p.logit_tokens) * p.vocab * 10 + 4 * p.vocab * h if p.loss_chunk
               else p.batch * p.logit_tokens * p.vocab * 10)
     weights = sum(x.numel() * x.element_size() for x in params)
@@ -315,7 +315,8 @@ def paper_stage4_keomni() -> Paper:
     gpus, ac = _paper_common(r)
     t = data_args(r)["max_length"]
     groups = [Group(list(model.encoder.layers), 2 * enc.max_source_positions // 2), Group(list(model.llm.blocks), t)]
-    return Paper(model, groups, data_args(r)["batch_size"], t, c.padded_vocab_size, gpus, ac)
+    return Paper(model, groups, data_args(r)["batch_size"], t, c.padded_vocab_size, gpus, ac,
+                 int(m.get("loss_chunk") or 0))
 
 
 @dataclass
