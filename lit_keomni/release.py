@@ -185,11 +185,9 @@ def release_speech_tokenizer(export: str | Path, out: str | Path) -> Path:
     """A stage-1 export of a released tokenizer's network (its import, or stage 1 fine-tuned from it) -> the released
     layout (config.json, model.safetensors, preprocessor_config.json, the ASR vocabulary), which GLM-4-Voice's
     ``load_quantize_encoder`` / ``WhisperVQForConditionalGeneration.from_pretrained`` load."""
-    from safetensors.torch import save_file
-
     from lit_keomni.configs import SpeechTokenizerConfig
     from lit_keomni.layouts import glm4voice_tokenizer as layout
-    from lit_keomni.text.tokenizer import TextTokenizer
+    from lit_keomni.layouts import write_released_folder
 
     exp = load_export(export, "speech_tokenizer")
     cfg = exp.path / CONFIG_FILE
@@ -201,12 +199,10 @@ def release_speech_tokenizer(export: str | Path, out: str | Path) -> Path:
     state = layout.to_released(exp.state_dict, config)
     source = exp.meta.get("weights_source") or {}
     with staged_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        write_released_folder(tmp, state, hf)
         (tmp / "preprocessor_config.json").write_text(json.dumps(layout.feature_extractor_json(config), indent=2)
                                                       + "\n", encoding="utf-8")
-        TextTokenizer.from_file(exp.path / "tokenizer.json").backend.save(str(tmp / "tokenizer.json"))
+        shutil.copy2(exp.path / "tokenizer.json", tmp / "tokenizer.json")
         origin = Path(source["folder"]) if source.get("folder") else None
         if origin is not None and origin.is_dir():
             for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",

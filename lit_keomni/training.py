@@ -203,7 +203,7 @@ class Stage(L.LightningModule):
         """(weights, extra files, extra config fields) of an export: without LoRA the weights as they are; with it,
         merged into their layers (``merge_lora``), or the base and ``lora.safetensors`` beside it, which
         ``load_export`` merges, so every later stage reads either."""
-        from lit_keomni.nn.lora import LORA_FILE, LoRAConfig, is_lora_parameter, lora_state_dict, merge_lora_state
+        from lit_keomni.nn.lora import LORA_FILE, LoRAConfig, base_state_dict, lora_state_dict, merge_lora_state
 
         if not self.hparams.get("lora"):
             return state, {}, {}
@@ -213,9 +213,8 @@ class Stage(L.LightningModule):
         from safetensors.torch import save_file
 
         adapters = {k: v.contiguous() for k, v in lora_state_dict(state).items()}
-        base = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if not is_lora_parameter(k)}
         files = {"lora": lambda folder: save_file(adapters, str(folder / LORA_FILE), metadata={"format": "pt"})}
-        return base, files, {"lora": config.to_dict()}
+        return base_state_dict(state), files, {"lora": config.to_dict()}
 
     def log_loss(self, split: str, loss: torch.Tensor, acc: torch.Tensor, batch_size: int, acc_name: str = "acc") -> None:
         """``{split}/loss`` (progress bar) and ``{split}/{acc_name}``; validation values are averaged over ranks."""

@@ -84,12 +84,18 @@ def save_lm_folder(state: dict[str, Tensor], config: TransformerConfig, folder: 
         theirs, hf = chatglm.to_chatglm(state, config, source=source), chatglm.chatglm_config_json(config, dtype)
     else:
         theirs, hf = hf_lm.to_hf(state, config, fmt, source=source), hf_lm.hf_config_json(config, fmt, dtype)
+    return write_released_folder(out, theirs, hf)
+
+
+def write_released_folder(folder: str | Path, state: dict[str, Tensor], config_json: dict) -> Path:
+    """``folder/model.safetensors`` and ``folder/config.json`` of a released layout (weights already in its names)."""
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     # contiguous copies: q/k row permutations and vocab trims are views that safetensors would refuse
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in theirs.items()}, str(out / "model.safetensors"),
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
     return out
 
 
-__all__ = ["LM_FORMATS", "lm_format", "load_lm_folder", "save_lm_folder"]
+__all__ = ["LM_FORMATS", "lm_format", "load_lm_folder", "save_lm_folder", "write_released_folder"]

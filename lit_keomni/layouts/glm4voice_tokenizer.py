@@ -150,8 +150,8 @@ def from_released(state: Mapping[str, Tensor], config: SpeechTokenizerConfig, *,
 
 def to_released(state: Mapping[str, Tensor], config: SpeechTokenizerConfig) -> dict[str, Tensor]:
     """Our weights -> the released names (the CTC head dropped; ``proj_out`` left out: it is the tied decoder
-    embedding, which the reference's ``save_pretrained`` does not write either)."""
-    released_config_json(config, next(iter(state.values())).dtype)  # raises on what the layout cannot hold
+    embedding, which the reference's ``save_pretrained`` does not write either). ``released_config_json`` first
+    says whether ``config`` fits the layout."""
     out = {}
     for k, v in state.items():
         if k.startswith("ctc_head.") or k == "encoder.quantizer.initialized":

@@ -147,10 +147,15 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
+def base_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict without its adapters, every floating tensor in float32 (the layout of an export)."""
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if not is_lora_parameter(k)}
+
+
 def merge_lora_state(state: Mapping[str, Tensor], config: LoRAConfig) -> dict[str, Tensor]:
     """A state dict with adapters (``X.lora_a``, ``X.lora_b`` beside ``X.weight``) -> plain weights
     ``X.weight + alpha / rank · B A``, every floating tensor in float32 (the layout of an export)."""
-    out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if not is_lora_parameter(k)}
+    out = base_state_dict(state)
     scale = config.alpha / config.rank
     for k in state:
         if k.endswith(".lora_a"):

@@ -48,7 +48,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[s : s + chunk]
             t = target[s : s + chunk]
             keep = t != IGNORE
-            g = (torch.softmax((h @ w.T).float(), dim=-1))
+            g = torch.softmax((h @ w.T).float(), dim=-1)
             g[torch.arange(len(t), device=t.device)[keep], t[keep]] -= 1.0
             g = g * (grad_losses[s : s + chunk] * keep)[:, None]  # (chunk, rows): d loss / d logits
             if grad_hidden is not None:

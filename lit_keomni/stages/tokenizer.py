@@ -139,26 +139,26 @@ class SpeechTokenizer(L.LightningModule):
         """``init_from`` a trained speech tokenizer: GLM-4-Voice's released folder or a stage-1 export (e.g. its
         import). Its network, codebook (which seeds the EMA state) and ASR vocabulary are taken as they are, the VQ
         is on from the first step; False for a plain Whisper folder."""
-        from lit_keomni.checkpoints import export_kind, load_speech_tokenizer, read_config_json, read_export_meta
+        from lit_keomni.checkpoints import export_kind, load_speech_tokenizer, read_config_json
         from lit_keomni.layouts.glm4voice_tokenizer import is_released_tokenizer
         from lit_keomni.release import SPEECH_TOKENIZER_FORMAT, load_released_speech_tokenizer
 
         kind = export_kind(folder)
+        if kind is None and not is_released_tokenizer(read_config_json(folder)):
+            return False
+        if self.hparams.overrides:
+            raise ValueError(f"model.overrides {sorted(self.hparams.overrides)} cannot change the network of "
+                             f"model.init_from={folder}; leave them out")
         if kind is not None:
             if kind != EXPORT_KIND:
                 raise ValueError(f"{Path(folder) / 'config.json'}: field 'kind' is {kind!r}; model.init_from takes a "
                                  f"Whisper folder, GLM-4-Voice's speech tokenizer or a {EXPORT_KIND!r} export")
             model, tokenizer, meta = load_speech_tokenizer(folder)
-            self._weights_source = read_export_meta(folder, EXPORT_KIND).get("weights_source")
+            self._weights_source = meta.get("weights_source")
         else:
-            if not is_released_tokenizer(read_config_json(folder)):
-                return False
             own = Path(folder) / "tokenizer.json"
             model, tokenizer, _ = load_released_speech_tokenizer(folder, None if own.is_file() else self.hparams.tokenizer)
             self._weights_source = {"format": SPEECH_TOKENIZER_FORMAT, "folder": str(Path(folder).resolve())}
-        if self.hparams.overrides:
-            raise ValueError(f"model.overrides {sorted(self.hparams.overrides)} cannot change the network of "
-                             f"model.init_from={folder}; leave them out")
         self.text_tokenizer, self.model = tokenizer, model.train()
         self.model_config = model.config
         self.model.encoder.use_vq = True
