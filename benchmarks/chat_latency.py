@@ -3,7 +3,7 @@
     python benchmarks/chat_latency.py [--seconds 3 --repeats 5 --max-new-tokens 32 --max-speech-seconds 4
                                        --text-chunk 8 --block 25 --lookahead 2 --threads 1]
 
-Builds tiny random-weight exports of every piece (``lit_keomni.chat.tiny_exports``: stage-1 tokenizer with 16 codes,
+Builds tiny random-weight exports of every piece (``tests.exports.tiny_exports``: stage-1 tokenizer with 16 codes,
 KE-Omni and GLM LMs of 2 layers x 64 that never pick a stop token, so answers run to their limits, duration predictor
 fixed at 2 unit frames per token, unit generator, a small unit HiFi-GAN) in a temporary folder, loads them as ``chat`` does and answers one synthetic speech-like question of
 ``--seconds`` s (the tokenizer benchmark's signal), ``--repeats`` times after one warm-up, greedily. Random weights
@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 from common import machine_line
-from lit_keomni.chat import GlmChat, KeOmniChat, tiny_exports
-from tokenizer import speech_like
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the tests' tiny exports
+
+from lit_keomni.chat import GlmChat, KeOmniChat  # noqa: E402
+from tests.exports import tiny_exports  # noqa: E402
+from tokenizer import speech_like  # noqa: E402
 
 GOAL_MS = 200.0
 """Issue 7's goal: time to first audio on one H100."""

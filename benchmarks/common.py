@@ -31,3 +31,10 @@ def machine_line(device: torch.device) -> str:
     hw = (f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda"
           else f"CPU: {cpu_model()}  |  torch threads: {torch.get_num_threads()}")
     return f"{hw}  |  torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def load_line() -> str:
+    """The 1-minute load average, printed beside every figure (a figure taken on a busy machine is not one)."""
+    import os
+
+    return f"load average {os.getloadavg()[0]:.2f}"

@@ -11,7 +11,7 @@ ours   ``StreamingDataset`` over the prepared chunks (``data/builtin/chunks/trai
        to 16 kHz) and ``StreamingDataLoader`` with ``pad_collate``, exactly as ``TokenizerDataModule`` serves them.
 naive  a map-style ``torch.utils.data.Dataset`` over the corpus in its Ke-SpeechChat layout (``data/builtin/corpus``):
        per item, open and parse the dialogue's JSON, take the turn, read its wav with soundfile (float32), resample to
-       16 kHz with the same soxr call, and ``DataLoader`` with the same ``pad_collate``.
+       16 kHz with the same ``resample`` (soxr), and ``DataLoader`` with the same ``pad_collate``.
 Both: the same ``--items`` utterances (the ids our loader yields first, handed to the naive loader), the same batch
 size and number of worker processes. Two measurements per loader: "loader" = padded 16 kHz batches as the training
 step receives them; "+ log-mel" = also the feature computation of stage 1 on every batch in the main process (the
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.kespeechchat import collect_utterances  # noqa: E402
 from datamodules.streaming import ResumableLoader, chunks_dir, pad_collate  # noqa: E402
-from datamodules.tokenizer import ASR_SAMPLE_RATE, asr_example  # noqa: E402
+from datamodules.tokenizer import asr_example  # noqa: E402
+from lit_keomni.audio import SAMPLE_RATE, resample  # noqa: E402
 from lit_keomni.nn.audio import LogMel  # noqa: E402
 
 
@@ -64,8 +64,7 @@ class NaiveUtterances(Dataset):
         language = next(c["language"] for c in dialogue["channel"] if c["channel_index"] == t["channel"])
         audio, rate = sf.read(str(Path(path).parent / t["audio_path"]), dtype="float32", always_2d=True)
         audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-        if rate != ASR_SAMPLE_RATE:
-            audio = soxr.resample(audio, rate, ASR_SAMPLE_RATE)
+        audio = resample(audio, rate, SAMPLE_RATE)
         return {"id": f"{dialogue['id']}_{turn}", "audio": torch.from_numpy(np.ascontiguousarray(audio)),
                 "text": t["text"], "language": language}
 
@@ -80,7 +79,7 @@ def run_pass(loader: Any, logmel: LogMel | None, items: int) -> tuple[float, lis
         if logmel is not None:
             logmel(batch["audio"], batch["audio_lengths"])
         ids += batch["id"]
-        audio_s += float(batch["audio_lengths"].sum()) / ASR_SAMPLE_RATE
+        audio_s += float(batch["audio_lengths"].sum()) / SAMPLE_RATE
         if len(ids) >= items:
             break
     return time.perf_counter() - t0, ids[:items], audio_s
@@ -121,7 +120,7 @@ def main() -> None:
     # Warm-up of ours: fixes the item set (the ids it yields first) and warms the page cache.
     _, ids, audio_s = run_pass(ours(), None, a.items)
     t = time.perf_counter()
-    where = {u.id: (str(u.source), u.turn) for u in collect_utterances(corpus, sample_rate=ASR_SAMPLE_RATE)}
+    where = {u.id: (str(u.source), u.turn) for u in collect_utterances(corpus, sample_rate=SAMPLE_RATE)}
     index_s = time.perf_counter() - t
     missing = [i for i in ids if i not in where]
     if missing:
@@ -138,8 +137,8 @@ def main() -> None:
     if a.data16:
         chunks16 = chunks_dir(a.data16, "train")
         rate16 = StreamingDataset(str(chunks16))[0]["sample_rate"]
-        if rate16 != ASR_SAMPLE_RATE:
-            raise SystemExit(f"{chunks16}: stored at {rate16} Hz, not {ASR_SAMPLE_RATE} (prepare --sample-rate 16000)")
+        if rate16 != SAMPLE_RATE:
+            raise SystemExit(f"{chunks16}: stored at {rate16} Hz, not {SAMPLE_RATE} (prepare --sample-rate 16000)")
         make["ours16"] = lambda: streaming(chunks16)
         if sorted(run_pass(make["ours16"](), None, a.items)[1]) != sorted(ids):
             raise SystemExit(f"{chunks16}: its first {a.items} utterances are not those of {chunks} (the two "

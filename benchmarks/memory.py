@@ -56,6 +56,7 @@ from common import machine_line
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lit_keomni.audio import SAMPLE_RATE  # noqa: E402
 from lit_keomni.configs import SpeechTokenizerConfig, TransformerConfig  # noqa: E402
 from lit_keomni.nn.adapter import SpeechAdapter, speech_frames  # noqa: E402
 from lit_keomni.nn.keomni import KeOmni  # noqa: E402
@@ -65,7 +66,6 @@ from lit_keomni.text.tokenizer import TextTokenizer  # noqa: E402
 
 GiB = 1024**3
 MiB = 1024**2
-SAMPLE_RATE = 16_000
 
 
 # ----------------------------------------------------------------------------------------------------- recipes

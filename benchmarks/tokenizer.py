@@ -30,19 +30,18 @@ import transformers
 from torch import Tensor
 
 from common import machine_line
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.configs import SpeechTokenizerConfig
 from lit_keomni.nn.audio import LogMel
 from lit_keomni.nn.whisper import SpeechTokenizerModel
-
-SR = 16000
 
 
 def speech_like(batch: int, seconds: float, seed: int = 0) -> Tensor:
     """(B, S) harmonics of a wandering 100-250 Hz pitch under a syllable-rate (~4 Hz) envelope, plus a little noise."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * SR)) / SR
+    t = torch.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     f0 = 100 + 150 * torch.rand(batch, 1, generator=g) + 20 * torch.sin(2 * math.pi * 0.5 * t)
-    phase = 2 * math.pi * torch.cumsum(f0.expand(batch, -1), dim=1) / SR
+    phase = 2 * math.pi * torch.cumsum(f0.expand(batch, -1), dim=1) / SAMPLE_RATE
     voiced = sum(torch.sin(k * phase) / k for k in range(1, 11))
     envelope = torch.sin(2 * math.pi * (3 + 2 * torch.rand(batch, 1, generator=g)) * t).clamp_min(0)
     return 0.1 * envelope * voiced + 0.005 * torch.randn(batch, t.numel(), generator=g)
@@ -133,7 +132,7 @@ def main() -> None:
           f"layers={cfg.encoder_layers} (VQ after {cfg.vq_position}, pool {cfg.pool}, block "
           f"{cfg.block_seconds} s, causal conv {cfg.causal_conv}); encoder params ours {n_ours / 1e6:.2f} M, "
           f"HF {n_hf / 1e6:.2f} M (incl. its position table)")
-    print(f"audio: {a.batch} clips × {a.seconds:g} s at {SR} Hz = {audio_s:g} s; median of {a.repeats} runs; "
+    print(f"audio: {a.batch} clips × {a.seconds:g} s at {SAMPLE_RATE} Hz = {audio_s:g} s; median of {a.repeats} runs; "
           f"× real time = {audio_s:g} s / wall s (padding not counted)\n")
     print(f"{'comparison':<26}{'ours ms':>10}{'ours ×RT':>11}{'HF ms':>10}{'HF ×RT':>10}{'ours/HF':>9}")
     for name, t_o, t_h in results:

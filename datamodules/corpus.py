@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 
 from datamodules.kespeechchat import STAMP_NAME, Dialogue, Turn, Word, write_dialogue
 from datamodules.toy_world import plan_texts, split_words
+from lit_keomni.audio import resample
 
 CORPUS_VERSION = 1
 """Bump when the text generator or the synthesis changes: a stamp with another version is not reused."""
@@ -217,7 +217,7 @@ def _synth_task(task: tuple[str, str, str, str, int]) -> tuple[int, list[Word]]:
     text, language, speaker_id, wav_path, sample_rate = task
     audio, words = synthesize(text, language, _SPEAKERS[speaker_id])
     if sample_rate != ESPEAK_SAMPLE_RATE:
-        resampled = soxr.resample(audio.astype(np.float32) / 32768, ESPEAK_SAMPLE_RATE, sample_rate)
+        resampled = resample(audio.astype(np.float32) / 32768, ESPEAK_SAMPLE_RATE, sample_rate)
         audio = np.clip(np.round(resampled * 32768), -32768, 32767).astype(np.int16)
     sf.write(wav_path, audio, sample_rate, subtype="PCM_16", format="WAV")
     return len(audio), words
@@ -227,8 +227,8 @@ def _stamp(seed: int, num_dialogues: int, sample_rate: int) -> dict:
     return {"version": CORPUS_VERSION, "seed": seed, "num_dialogues": num_dialogues, "sample_rate": sample_rate}
 
 
-def build_corpus(out_dir: str | Path, *, num_dialogues: int = 1200, seed: int = 1234, sample_rate: int = 22050,
-                 workers: int = 2, progress: bool = True) -> Path:
+def build_corpus(out_dir: str | Path, *, num_dialogues: int = 1200, seed: int = 1234,
+                 sample_rate: int = ESPEAK_SAMPLE_RATE, workers: int = 2, progress: bool = True) -> Path:
     """Synthesise the built-in corpus into `out_dir` (Ke-SpeechChat layout) and return `out_dir`.
 
     Same seed, same bytes. Dialogues alternate English / Chinese and the two agents, users are drawn from

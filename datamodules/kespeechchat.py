@@ -36,6 +36,7 @@ import numpy as np
 import soundfile as sf
 
 from lit_keomni.atomic import write_json
+from lit_keomni.audio import resample
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ class Utterance:
     row: int | None = None
     """Row of a parquet/arrow file (``audio_path``) whose ``column`` holds the encoded audio; None = a plain audio file."""
     column: str = ""
+    split: str | None = None
+    """The corpus's own split this item belongs to (a Hugging Face dataset's ``train``, ``validation``, ...); None =
+    ``prepare`` splits by a hash of ``dialogue_id``."""
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -430,13 +434,12 @@ def write_report(rejected: list[KeSpeechChatError], report_path: Path | None, so
 def load_audio(path: Path | Any, sample_rate: int, *, context: str = "", offset: float = 0.0,
                duration: float | None = None, channel: int | None = None) -> np.ndarray:
     """Read audio as float32 mono at `sample_rate`: stereo is averaged (or `channel` taken), another rate is resampled
-    with soxr. `offset` and `duration` (seconds) cut a segment; `path` may also be a file-like object of encoded audio.
+    (`lit_keomni.audio.resample`, soxr). `offset` and `duration` (seconds) cut a segment; `path` may also be a
+    file-like object of encoded audio.
 
     Raises `KeSpeechChatError` naming the file (and `context`, e.g. the dialogue and field) when the file is
     unreadable, empty or holds NaN/inf samples; `MissingAudioError` when it does not exist.
     """
-    from lit_keomni.nn.audio import resample
-
     is_file = isinstance(path, (str, Path))
     path = Path(path) if is_file else path
     name = path if is_file else "audio"

@@ -24,6 +24,12 @@ Training draws rows with ``Mixture`` (a ``CombinedStreamingDataset``): text at `
 rows, the other sources share the rest in the ratio of ``mixture``. Rows hold equally many tokens, so row shares are
 token shares. An epoch ends when one source runs out; the next epoch reshuffles every source and draws anew.
 Validation has one loader per source, so the loss is reported per source.
+
+Several corpora (``data.sources: [{path, weight}, ...]``, each a prepared folder): every speech corpus is tokenized
+into ``tokens_dir/<index>-<name>`` and feeds the speech source, and the ASR and TTS sources when it has transcripts
+(unsupervised speech feeds speech rows only); every text corpus (``prepare --format text``) feeds the text source.
+Each (source, corpus) part is packed on its own (``packed_dir/<source>/<index>-<name>``); a source's share of rows is
+split between its corpora by their weights.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +46,8 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
-from datamodules.streaming import (SPLITS, Mixture, ResumableLoader, StreamingDataModule, chunks_dir, split_of,
-                                   write_items)
+from datamodules.streaming import (SPLITS, STAMP, Mixture, ResumableLoader, StreamingDataModule, chunks_dir,
+                                   is_remote, split_of, write_items)
 from datamodules.sft import vocabulary_digest
 from lit_keomni.atomic import write_json
 from lit_keomni.checkpoints import export_fingerprint, lm_tokenizer
@@ -54,6 +61,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("text", "interleaved", "speech", "asr", "tts")
 """The data sources, in the order of the ``source`` index every row carries."""
+SPEECH_SOURCES = ("speech", "asr", "tts")
+"""The sources made from a speech corpus's tokens (the others from text)."""
 DEFAULT_MIXTURE = {"interleaved": 0.3, "speech": 0.1, "asr": 0.15, "tts": 0.15}
 """Relative weights of the non-text sources; they fill the ``1 - text_fraction`` of rows left by text."""
 PACKED_STAMP = "packed.json"
@@ -177,6 +186,25 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Part:
+    """One packed stream of rows: the documents of one source made from one corpus."""
+
+    source: str
+    """One of ``SOURCES``."""
+    corpus: str | None
+    """The ``data.sources`` entry's name (``<index>-<folder>``); None for ``data_dir`` / ``text_source``."""
+    weight: float
+    """The corpus's weight among the corpora of its source."""
+    root: str
+    """Speech-token folder (speech, asr, tts), text corpus (text) or interleaved folder (interleaved)."""
+
+    @property
+    def key(self) -> str:
+        """Name in ``packed.json`` and folder under ``packed_dir``: ``asr`` or ``asr/0-librispeech``."""
+        return self.source if self.corpus is None else f"{self.source}/{self.corpus}"
+
+
 def _stream(chunks: Path) -> Iterator[dict[str, Any]]:
     """Every item of a litdata chunks folder, in stored order."""
     ds = StreamingDataset(str(chunks))
@@ -251,7 +279,8 @@ class PretrainDataModule(StreamingDataModule):
             interleaved_dir: Output of ``python -m lit_keomni interleave`` (made if its ``stats.json`` is missing).
             packed_dir: Packed rows per source and split, and ``packed.json``.
             text_source: Text corpus (``.jsonl`` with "text", ``.txt``, a folder of those, or litdata chunks) for the
-                text source and for ``interleave``; None = ``data_dir/text/toy_world.jsonl``.
+                text source and for ``interleave``; None = ``data_dir/text/toy_world.jsonl``. When ``sources`` holds
+                text corpora, the text source reads those, and ``interleave`` this or else the first of them.
             seq_len: Tokens per training row (rows store ``seq_len + 1`` for the shifted target).
             text_fraction: Share of rows drawn from text (paper: 0.3).
             mixture: Relative weights of interleaved, speech, asr and tts filling the rest (0 leaves a source out).
@@ -261,7 +290,8 @@ class PretrainDataModule(StreamingDataModule):
             tokenize_workers: Processes for ``tokenize``.
             tokenizer: The LM's own vocabulary (a released LM folder with ``tokenizer.json`` or GLM-4's
                 ``tokenizer.model``) instead of the stage-1 export's text tokenizer; the model must name the same.
-            **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, seed, ...).
+            **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, seed, sources, ...); with
+                ``sources``, speech and text corpora are mixed by weight within each source (module docstring).
         """
         super().__init__(**kwargs)
         self.speech_export = speech_export
@@ -269,6 +299,7 @@ class PretrainDataModule(StreamingDataModule):
         self.tokens_dir = tokens_dir
         self.interleaved_dir = interleaved_dir
         self.packed_dir = packed_dir
+        self.text_source_given = text_source
         self.text_source = text_source or str(Path(self.data_dir) / "text" / "toy_world.jsonl")
         self.seq_len = seq_len
         self.text_fraction = text_fraction
@@ -285,6 +316,7 @@ class PretrainDataModule(StreamingDataModule):
         self.train_sets: dict[str, StreamingDataset] = {}
         self.val_sets: dict[str, StreamingDataset] = {}
         self._rows: dict[str, dict[str, int]] = {}
+        self._parts: list[Part] | None = None
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -294,18 +326,67 @@ class PretrainDataModule(StreamingDataModule):
         return self._tokenizer
 
     # ------------------------------------------------------------------ building
-    def _inputs(self, source: str) -> dict[str, Any]:
-        """What the packed rows of ``source`` are made from; a change re-packs the source."""
+    # ------------------------------------------------------------------ corpora
+    def _corpus_stamp(self, entry: dict[str, Any]) -> dict[str, Any]:
+        path = entry["path"]
+        if is_remote(path):
+            raise ValueError(f"{path}: stage 3 tokenizes each corpus into tokens_dir and packs it locally; give this "
+                             f"data.sources entry a local prepared folder")
+        return json.loads((Path(path) / STAMP).read_text(encoding="utf-8"))
+
+    def parts(self) -> list[Part]:
+        """The packed streams, per active source one per corpus (one in all without ``sources``)."""
+        if self._parts is not None:
+            return self._parts
+        if not self.mixture_sources:
+            roots = {"text": self.text_source, "interleaved": self.interleaved_dir}
+            self._parts = [Part(s, None, 1.0, roots.get(s, self.tokens_dir)) for s in self.active]
+            return self._parts
+        stamps = {e["name"]: self._corpus_stamp(e) for e in self.mixture_sources}
+        text = [e for e in self.mixture_sources if stamps[e["name"]].get("format") == "text"]
+        speech = [e for e in self.mixture_sources if e not in text]
+        parts: list[Part] = []
+        for s in self.active:
+            if s == "text" and text:
+                parts += [Part(s, e["name"], e["weight"], stamps[e["name"]].get("text_source") or
+                               str(Path(e["path"]) / "text")) for e in text]
+            elif s in ("text", "interleaved"):
+                parts.append(Part(s, None, 1.0, self.text_source if s == "text" else self.interleaved_dir))
+            else:
+                usable = [e for e in speech
+                          if s == "speech" or stamps[e["name"]].get("transcribed", {"train": 1}).get("train", 1)]
+                if not usable:
+                    raise ValueError(f"PretrainDataModule: field 'mixture' gives source '{s}' a weight, but no corpus "
+                                     f"of data.sources can feed it ({'no speech corpus' if not speech else 'none has transcripts'}: "
+                                     f"{[e['path'] for e in self.mixture_sources]}); give '{s}' a weight of 0")
+                parts += [Part(s, e["name"], e["weight"], str(Path(self.tokens_dir) / e["name"])) for e in usable]
+        self._parts = parts
+        return parts
+
+    def part_weights(self) -> dict[str, float]:
+        """Row weight of every part: its source's weight split between the source's corpora by their weights."""
+        parts = self.parts()
+        total = {s: sum(p.weight for p in parts if p.source == s) for s in self.active}
+        return {p.key: self.weights[p.source] * p.weight / total[p.source] for p in parts}
+
+    def _speech_corpora(self) -> list[tuple[str, str]]:
+        """(prepared folder, speech-token folder) of every speech corpus read."""
+        if not self.mixture_sources:
+            return [(self.data_dir, self.tokens_dir)]
+        return [(e["path"], str(Path(self.tokens_dir) / e["name"])) for e in self.mixture_sources
+                if self._corpus_stamp(e).get("format") != "text"]
+
+    def _inputs(self, part: Part) -> dict[str, Any]:
+        """What the packed rows of ``part`` are made from; a change re-packs it."""
         inputs: dict[str, Any] = {"speech_export": export_fingerprint(self.speech_export), "seq_len": self.seq_len}
         if self.tokenizer_file:  # rows are ids: another vocabulary re-packs every source
             inputs["tokenizer"] = vocabulary_digest(self.tokenizer)
-        if source == "text":
-            inputs.update(text=_digest(Path(self.text_source)), val_fraction=self.text_val_fraction)
-        elif source == "interleaved":
-            inputs.update(interleaved=_digest(Path(self.interleaved_dir) / "stats.json"),
-                          val_fraction=self.text_val_fraction)
+        if part.source == "text":
+            inputs.update(text=_digest(Path(part.root)), val_fraction=self.text_val_fraction)
+        elif part.source == "interleaved":
+            inputs.update(interleaved=_digest(Path(part.root) / "stats.json"), val_fraction=self.text_val_fraction)
         else:
-            stamp = json.loads((Path(self.tokens_dir) / TOKENS_STAMP).read_text(encoding="utf-8"))
+            stamp = json.loads((Path(part.root) / TOKENS_STAMP).read_text(encoding="utf-8"))
             inputs.update(tokens=stamp.get("fingerprint"), splits=stamp.get("splits"))
         return inputs
 
@@ -325,8 +406,15 @@ class PretrainDataModule(StreamingDataModule):
 
     def build_missing(self) -> None:
         super().build_missing()
-        if any(s in self.active for s in ("speech", "asr", "tts")) and not tokens_are_current(self.tokens_dir, self.speech_export):
-            tokenize(self.speech_export, self.data_dir, self.tokens_dir, workers=self.tokenize_workers)
+        self._parts = None
+        if self.mixture_sources and not self.text_source_given:
+            texts = [self._corpus_stamp(e) for e in self.mixture_sources]
+            texts = [t.get("text_source") for t in texts if t.get("format") == "text"]
+            self.text_source = texts[0] if texts else self.text_source
+        if any(s in self.active for s in SPEECH_SOURCES):
+            for data, tokens in self._speech_corpora():
+                if not tokens_are_current(tokens, self.speech_export):
+                    tokenize(self.speech_export, data, tokens, workers=self.tokenize_workers)
         if "interleaved" in self.active and not (Path(self.interleaved_dir) / "stats.json").is_file():
             if not self.text_to_token_export:
                 raise FileNotFoundError(f"{Path(self.interleaved_dir) / 'stats.json'}: no interleaved data, and "
@@ -345,43 +433,42 @@ class PretrainDataModule(StreamingDataModule):
         stamp_path = Path(self.packed_dir) / PACKED_STAMP
         stamp = json.loads(stamp_path.read_text(encoding="utf-8")) if stamp_path.is_file() else {}
         stamp.setdefault("sources", {})
-        for source in self.active:
-            inputs = self._inputs(source)
-            done = stamp["sources"].get(source, {})
-            ready = all((chunks_dir(Path(self.packed_dir) / source, s) / "index.json").is_file() for s in SPLITS)
+        for part in self.parts():
+            inputs = self._inputs(part)
+            done = stamp["sources"].get(part.key, {})
+            ready = all((chunks_dir(Path(self.packed_dir) / part.key, s) / "index.json").is_file() for s in SPLITS)
             if ready and done.get("inputs") == inputs:
                 continue
             entry: dict[str, Any] = {"inputs": inputs}
-            for split, items in self._split_items(source).items():
-                packing = Packing(source, tokenizer, self.seq_len)
-                out = chunks_dir(Path(self.packed_dir) / source, split)
+            for split, items in self._split_items(part).items():
+                packing = Packing(part.source, tokenizer, self.seq_len)
+                out = chunks_dir(Path(self.packed_dir) / part.key, split)
                 try:
                     write_items(packing.rows(items()), out)
                 except ValueError as e:
                     if packing.counts["rows"]:
                         raise
-                    raise ValueError(f"{out}: source '{source}' has no {split} documents") from e
+                    raise ValueError(f"{out}: source '{part.key}' has no {split} documents") from e
                 entry[split] = packing.counts
-            stamp["sources"][source] = entry
+            stamp["sources"][part.key] = entry
             stamp["seq_len"] = self.seq_len
             write_json(stamp_path, stamp)
-            log.info("packed %s: %s", source, {s: entry[s] for s in SPLITS})
+            log.info("packed %s: %s", part.key, {s: entry[s] for s in SPLITS})
         return stamp
 
-    def _split_items(self, source: str) -> dict[str, Callable[[], Iterator[dict[str, Any]]]]:
-        """Per split, a function that streams the raw items of ``source``. Speech, ASR and TTS follow the split of
+    def _split_items(self, part: Part) -> dict[str, Callable[[], Iterator[dict[str, Any]]]]:
+        """Per split, a function that streams the raw items of ``part``. Speech, ASR and TTS follow the split of
         the speech tokens; text and interleaved documents go to val by a hash of their id (``streaming.split_of``),
         and when that leaves val empty, the last document goes there."""
-        if source in ("speech", "asr", "tts"):
-            return {split: (lambda split=split: _stream(chunks_dir(self.tokens_dir, split))) for split in SPLITS}
+        source, where = part.source, part.root
+        if source in SPEECH_SOURCES:
+            return {split: (lambda split=split: _stream(chunks_dir(where, split))) for split in SPLITS}
         if source == "text":
             def read() -> Iterator[dict[str, Any]]:
-                return ({"id": i, "text": t} for i, t in read_documents(self.text_source))
-            where = self.text_source
+                return ({"id": i, "text": t} for i, t in read_documents(where))
         else:
             def read() -> Iterator[dict[str, Any]]:
-                return _stream(Path(self.interleaved_dir) / "chunks")
-            where = self.interleaved_dir
+                return _stream(Path(where) / "chunks")
         fraction = self.text_val_fraction
         held_out: set[str] = set()
         everything = False  # a single document is both the training and the validation set
@@ -403,14 +490,17 @@ class PretrainDataModule(StreamingDataModule):
         return json.loads((Path(self.packed_dir) / PACKED_STAMP).read_text(encoding="utf-8"))
 
     def rows_available(self, split: str = "train") -> dict[str, int]:
-        """Rows of each active source in ``split`` (read once per split after ``setup``)."""
+        """Rows of each active source in ``split``, summed over its corpora (read once per split after ``setup``)."""
         if split not in self._rows:
             stats = self.packed_stats()["sources"]
-            self._rows[split] = {s: int(stats[s][split]["rows"]) for s in self.active}
+            rows = dict.fromkeys(self.active, 0)
+            for p in self.parts():
+                rows[p.source] += int(stats[p.key][split]["rows"])
+            self._rows[split] = rows
         return self._rows[split]
 
-    def _dataset(self, source: str, split: str) -> StreamingDataset:
-        path = chunks_dir(Path(self.packed_dir) / source, split)
+    def _dataset(self, key: str, split: str) -> StreamingDataset:
+        path = chunks_dir(Path(self.packed_dir) / key, split)
         if not (path / "index.json").is_file():
             raise FileNotFoundError(f"{path}: no packed rows (index.json); run prepare_data() or "
                                     f"`python -m lit_keomni fit` with this data module to build them")
@@ -418,31 +508,33 @@ class PretrainDataModule(StreamingDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._rows = {}
-        for source in self.active:
-            if source not in self.train_sets:
-                self.train_sets[source] = self._dataset(source, "train")
-                self.val_sets[source] = self._dataset(source, "val")
+        for part in self.parts():
+            if part.key not in self.train_sets:
+                self.train_sets[part.key] = self._dataset(part.key, "train")
+                self.val_sets[part.key] = self._dataset(part.key, "val")
 
     def train_dataloader(self) -> StreamingDataLoader:
-        """Rows of all active sources mixed by weight. Workers are not persistent: litdata reshuffles the sources of a
-        combined dataset only in fresh workers. The last batch of an epoch may be short."""
-        sets = [self.train_sets[s] for s in self.active]
-        for source, ds in zip(self.active, sets):
-            if ds.get_len(self.num_workers, self.batch_size) == 0:
-                raise ValueError(f"{chunks_dir(Path(self.packed_dir) / source, 'train')}: source '{source}' has no "
-                                 f"training rows for this process (it has {self.rows_available()[source]} rows, "
-                                 f"split over ranks and loader workers in whole batches of {self.batch_size}); give "
-                                 f"it a weight of 0 in 'mixture', or more data")
-        mixture = Mixture(sets, [self.weights[s] for s in self.active], self.seed)
+        """Rows of all active sources (and corpora) mixed by weight. Workers are not persistent: litdata reshuffles
+        the sources of a combined dataset only in fresh workers. The last batch of an epoch may be short."""
+        parts, weights = self.parts(), self.part_weights()
+        for part in parts:
+            if self.train_sets[part.key].get_len(self.num_workers, self.batch_size) == 0:
+                rows = self.packed_stats()["sources"][part.key]["train"]["rows"]
+                raise ValueError(f"{chunks_dir(Path(self.packed_dir) / part.key, 'train')}: source '{part.key}' has no "
+                                 f"training rows for this process (it has {rows} rows, split over ranks and loader "
+                                 f"workers in whole batches of {self.batch_size}); give it a weight of 0 in "
+                                 f"'mixture', or more data")
+        mixture = Mixture([self.train_sets[p.key] for p in parts], [weights[p.key] for p in parts], self.seed)
         return ResumableLoader(mixture, batch_size=self.batch_size, num_workers=self.num_workers,
                                    collate_fn=pretrain_collate)
 
     def _val_loaders(self) -> list[StreamingDataLoader]:
-        return [StreamingDataLoader(self.val_sets[s], batch_size=self.batch_size, num_workers=self.num_workers,
-                                    collate_fn=pretrain_collate) for s in self.active]
+        return [StreamingDataLoader(self.val_sets[p.key], batch_size=self.batch_size, num_workers=self.num_workers,
+                                    collate_fn=pretrain_collate) for p in self.parts()]
 
     def val_dataloader(self) -> list[StreamingDataLoader]:
-        """One loader per active source, in the order of ``active``."""
+        """One loader per part (per active source, and per corpus of a mixture), in the order of ``parts()``; the
+        stage adds the losses up per source."""
         return self._val_loaders()
 
     def test_dataloader(self) -> list[StreamingDataLoader]:

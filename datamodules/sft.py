@@ -36,6 +36,7 @@ from litdata.utilities.env import _DistributedEnv
 from datamodules.streaming import SPLITS, Mixture, ResumableLoader, StreamingDataModule, chunks_dir
 from datamodules.tokenizer import asr_example
 from lit_keomni.atomic import staged_dir, write_json
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.checkpoints import lm_tokenizer
 from lit_keomni.nn.adapter import speech_frames
 from lit_keomni.nn.keomni import llm_tokenizer
@@ -140,8 +141,8 @@ class DialogueBuilder:
                 pcm = _pcm16k(q)
                 frames = speech_frames(len(pcm), self.stack)
                 if frames < 1:
-                    raise ValueError(f"utterance {q['id']} (dialogue {dialogue_id}): {len(pcm) / 16000:.3f} s of audio "
-                                     f"is shorter than one adapter frame ({self.stack * 20} ms)")
+                    raise ValueError(f"utterance {q['id']} (dialogue {dialogue_id}): {len(pcm) / SAMPLE_RATE:.3f} s "
+                                     f"of audio is shorter than one adapter frame ({self.stack * 20} ms)")
                 audio.append(pcm)
                 exchanges.append(Exchange(user_frames=frames, text=a["text"]))
         for k in range(len(exchanges), 0, -1):

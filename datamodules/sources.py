@@ -6,7 +6,7 @@
 | ``lhotse`` | a CutSet, or recordings + supervisions manifests (``*.jsonl.gz``), file or folder | a supervision (cut out of its recording by its times); a cut without one is unsupervised speech |
 | ``kaldi`` | a data folder: ``wav.scp``, ``text``, optional ``segments``, ``utt2spk``, ``utt2lang`` | an utterance (a segment of a recording with ``segments``) |
 | ``hf`` | a Hugging Face dataset: ``save_to_disk`` folder, or parquet files, with an audio column (bytes or paths) and a text column | a row |
-| ``folder`` | audio files, with a ``.txt``/``.lab`` transcript beside each, or none at all (unsupervised speech) | a file |
+| ``folder`` | audio files, with a ``.txt``/``.lab`` transcript beside each or LibriSpeech's ``*.trans.txt`` tables, or none at all (unsupervised speech) | a file |
 | ``text`` | text documents: ``.txt`` (a line each), ``.jsonl`` ("text"), parquet (a text column), or a folder of them | (written as text chunks) |
 
 Every problem is one `SourceError` naming the file, the item and the field (``data/wav.scp:3: item 'utt2' audio:
@@ -23,7 +23,7 @@ import json
 import logging
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +150,12 @@ def utterance_audio(u: Utterance, sample_rate: int) -> np.ndarray:
 
 def _utterance(uid: str, group: str, text: str, audio: Path, source: Path, language: str, duration: float, *,
                speaker: str = "", gender: str = "", offset: float = 0.0, clip: float | None = None,
-               channel: int | None = None, row: int | None = None, column: str = "") -> Utterance:
+               channel: int | None = None, row: int | None = None, column: str = "",
+               split: str | None = None) -> Utterance:
     return Utterance(id=uid, dialogue_id=group, turn=0, speaker=speaker, role="user", gender=gender,
                      language=language, text=text, audio_path=audio, start=offset, end=offset + duration, words=None,
                      source=source, duration=duration, offset=offset, clip=clip, channel=channel, row=row,
-                     column=column)
+                     column=column, split=split)
 
 
 def _check_text(text: str, fail: Any) -> str:
@@ -194,10 +195,38 @@ def _resolve(path: str, base: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- folder
+CHAPTER_TRANSCRIPTS = ".trans.txt"
+"""LibriSpeech's per-folder transcript table: ``ID text`` lines for the ``ID.flac`` files beside it."""
+
+
+def _chapter_tables(tables: list[Path], audio: dict[Path, Path], base: Path,
+                    found: dict[Path, tuple[str, Path, int]]) -> Iterator[KeSpeechChatError]:
+    """Read LibriSpeech-style ``*.trans.txt`` tables into ``found`` (audio stem -> (text, table, line)); yields an
+    error for a line without text, a duplicate id, or an id without its audio file."""
+    for table in tables:
+        for lineno, line in enumerate(table.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            key, _, text = line.strip().partition(" ")
+            stem = table.parent / key
+            uid = stem.relative_to(base).as_posix()
+            if stem in found:
+                yield SourceError(table, f"id listed twice (first on line {found[stem][2]} of {found[stem][1]})",
+                                  item=uid, field="id", line=lineno)
+            elif stem not in audio:
+                yield SourceError(table, f"transcript without audio: no {key}{{{','.join(AUDIO_SUFFIXES)}}} in "
+                                         f"{table.parent}", item=uid, field="audio", line=lineno)
+            else:
+                found[stem] = (text, table, lineno)
+
+
 def read_folder(root: Path, options: SourceOptions) -> Iterator[Utterance | KeSpeechChatError]:
-    """Audio files under ``root``, each with the transcript ``NAME.txt``/``NAME.lab`` beside it; with no transcript
-    file anywhere, every file is unsupervised speech (empty text)."""
+    """Audio files under ``root``, each with the transcript ``NAME.txt``/``NAME.lab`` beside it, or listed in a
+    LibriSpeech ``*.trans.txt`` table of its folder (``ID text`` lines); with no transcript anywhere, every file is
+    unsupervised speech (empty text)."""
     files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+    tables = [p for p in files if p.name.endswith(CHAPTER_TRANSCRIPTS)]
+    files = [p for p in files if not p.name.endswith(CHAPTER_TRANSCRIPTS)]
     audio = {p.with_suffix(""): p for p in files if p.suffix.lower() in AUDIO_SUFFIXES}
     transcripts = {p.with_suffix(""): p for p in files if p.suffix.lower() in TRANSCRIPT_SUFFIXES}
     if not audio:
@@ -207,16 +236,24 @@ def read_folder(root: Path, options: SourceOptions) -> Iterator[Utterance | KeSp
         if stem not in audio:
             yield SourceError(t, f"transcript without audio: no {stem.name}{{{','.join(AUDIO_SUFFIXES)}}} beside it",
                               item=stem.relative_to(base).as_posix(), field="audio")
+    listed: dict[Path, tuple[str, Path, int]] = {}
+    yield from _chapter_tables(tables, audio, base, listed)
     for stem, path in audio.items():
         uid = stem.relative_to(base).as_posix()
         fail = _failer(path, uid)
         try:
             text = ""
-            if transcripts:
+            if stem in listed:
+                text, table, lineno = listed[stem]
+                text = _check_text(text, _failer(table, uid, lineno))
+            elif transcripts or tables:
                 if stem not in transcripts:
-                    raise fail("text", f"no transcript {stem.name}.txt or {stem.name}.lab beside it (other files have one)")
+                    raise fail("text", f"no transcript {stem.name}.txt or {stem.name}.lab beside it, nor a line in a "
+                                       f"{CHAPTER_TRANSCRIPTS} table of its folder (other files have one)")
                 text = _check_text(transcripts[stem].read_text(encoding="utf-8"), _failer(transcripts[stem], uid))
-            yield _segment(uid, uid, text, path, path, options.language, fail, speaker=path.parent.name)
+            # LibriSpeech keeps speaker/chapter/ folders: the speaker is the folder above the table's
+            speaker = path.parent.parent.name if stem in listed else path.parent.name
+            yield _segment(uid, uid, text, path, path, options.language, fail, speaker=speaker)
         except KeSpeechChatError as e:
             yield e
         except (OSError, UnicodeDecodeError) as e:
@@ -416,6 +453,21 @@ def hf_data_files(path: Path) -> list[Path]:
     return files
 
 
+HF_SPLITS = ("train", "validation", "valid", "dev", "test", "eval")
+"""Split names of Hugging Face datasets (``train.clean.100`` counts as ``train``)."""
+
+
+def hf_split(data: Path, root: Path) -> str | None:
+    """The split a data file of a dataset belongs to, from its folder (a DatasetDict's ``validation/``) or its name
+    (``data/test-00000-of-00001.parquet``); None when the layout names none."""
+    rel = data.relative_to(root).parts if data != root and root in data.parents else (data.name,)
+    for part in (*rel[:-1], rel[-1].split("-")[0]):
+        name = part.split(".")[0].lower()
+        if name in HF_SPLITS:
+            return part
+    return None
+
+
 @functools.lru_cache(maxsize=4)
 def _table(path: str, columns: tuple[str, ...]) -> Any:
     """Columns of one parquet/arrow file as a pyarrow Table (memory-mapped; cached per process)."""
@@ -453,12 +505,15 @@ def _row_bytes(path: str, column: str, row: int) -> bytes:
 
 def read_hf(path: Path, options: SourceOptions) -> Iterator[Utterance | KeSpeechChatError]:
     """Rows of a Hugging Face dataset: ``audio_column`` holds ``{bytes, path}`` (the ``Audio`` feature), bytes, or a
-    path (relative to the data file); ``text_column`` the transcript; an ``id`` column, if any, names the rows."""
+    path (relative to the data file); ``text_column`` the transcript; an ``id`` column, if any, names the rows. The
+    dataset's own splits (``hf_split``) are kept: ``prepare`` trains on ``train`` and validates on the others."""
     try:
         import pyarrow  # noqa: F401
     except ImportError as e:
         raise ValueError(f"{path}: reading Hugging Face datasets needs pyarrow (pip install pyarrow)") from e
     for data in hf_data_files(path):
+        split = hf_split(data, path)
+        split = None if split is None else "train" if split.split(".")[0].lower() == "train" else split
         try:
             names = _schema_names(data)
         except Exception as e:  # pyarrow's errors for a broken file
@@ -488,14 +543,15 @@ def read_hf(path: Path, options: SourceOptions) -> Iterator[Utterance | KeSpeech
                     value = value.get("path")
                 if isinstance(value, str):
                     audio = _resolve(value, data.parent)
-                    yield _segment(uid, uid, text, audio, data, language, fail)
+                    yield replace(_segment(uid, uid, text, audio, data, language, fail), split=split)
                     continue
                 if isinstance(value, dict):
                     value = value["bytes"]
                 if not isinstance(value, bytes):
                     raise fail(options.audio_column, f"expected audio bytes or a path, got {type(value).__name__}")
                 duration = audio_duration(io.BytesIO(value), lambda reason, cls=None: fail(options.audio_column, reason))
-                yield _utterance(uid, uid, text, data, data, language, duration, row=i, column=options.audio_column)
+                yield _utterance(uid, uid, text, data, data, language, duration, row=i, column=options.audio_column,
+                                 split=split)
             except KeSpeechChatError as e:
                 yield e
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import zlib
+from collections import Counter
 from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingData
 from datamodules.kespeechchat import Utterance, collect_utterances
 from datamodules.sources import FORMATS, SourceOptions, detect_format, gather, read_source, read_text, utterance_audio
 from lit_keomni.atomic import remove_stale, staged_dir, write_json
+from lit_keomni.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,17 @@ def _source_entry(entry: dict[str, Any], i: int) -> dict[str, Any]:
 
 def chunks_dir(data_dir: str | Path, split: str) -> Path:
     return Path(data_dir) / "chunks" / split
+
+
+SPEECH_CHUNKS = "chunks16k"
+"""Folder of the 16 kHz copy of a dialogue corpus's utterances, written beside ``chunks`` by ``prepare``."""
+
+
+def speech_chunks_dir(data_dir: str | Path, split: str) -> Path:
+    """The utterances of ``split`` at 16 kHz: the copy ``prepare`` writes for a dialogue corpus (stored at 22,050 Hz
+    for the vocoder stages), else the corpus's own chunks."""
+    copy = Path(data_dir) / SPEECH_CHUNKS / split
+    return copy if (copy / "index.json").is_file() else chunks_dir(data_dir, split)
 
 
 def is_prepared(data_dir: str | Path) -> bool:
@@ -120,8 +133,6 @@ def write_chunks(fn: Any, inputs: list[Any], out_dir: Path, *, workers: int, chu
 
 DIALOGUE_RATE = 22050
 """Rate of dialogue corpora (the built-in one, Ke-SpeechChat): the vocoder stages train at it."""
-SPEECH_RATE = 16000
-"""Rate of ASR and speech corpora: the Whisper-style front end of stage 1 (and ``tokenize``) reads 16 kHz."""
 
 
 def prepare(
@@ -145,7 +156,9 @@ def prepare(
     ``format`` is one of ``sources.FORMATS`` (None = detected from the layout); ``options`` its language and column
     names. Without ``source`` the built-in bilingual corpus is synthesised into ``out/corpus`` first, and a text corpus
     of the same toy world is written to ``out/text/toy_world.jsonl``. Audio is decoded and resampled once, here, to
-    ``sample_rate`` (None = 22,050 Hz for dialogues, 16 kHz for the other speech formats). A ``text`` corpus becomes
+    ``sample_rate`` (None = 22,050 Hz for dialogues, 16 kHz for the other speech formats); dialogues stored at
+    another rate than 16 kHz get a 16 kHz copy of their utterances too (``SPEECH_CHUNKS``, read by stage 1, whose
+    Whisper front end takes 16 kHz), so no loader resamples on every epoch. A ``text`` corpus becomes
     text chunks in ``out/text`` (stage 3's ``text_source``). Utterances without transcripts (unsupervised speech) are
     kept; the tokenizer is trained on those with one. Returns the stamp (counts and settings).
     """
@@ -161,7 +174,7 @@ def prepare(
         raise ValueError(f"prepare: unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "text":
         return prepare_text(out, Path(source), options)
-    sample_rate = sample_rate or (DIALOGUE_RATE if fmt == "kespeechchat" else SPEECH_RATE)
+    sample_rate = sample_rate or (DIALOGUE_RATE if fmt == "kespeechchat" else SAMPLE_RATE)
     if source is None:
         source = build_corpus(out / "corpus", num_dialogues=num_dialogues, seed=seed, sample_rate=sample_rate,
                               workers=workers, progress=progress)
@@ -177,7 +190,9 @@ def prepare(
                       skip_invalid=skip_invalid, report_path=report)
     by_split: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
     for u in utts:
-        by_split[split_of(u.dialogue_id, val_fraction)].append(u)
+        # a corpus's own splits are kept: its "train" trains, every other (validation, dev, test) validates
+        own = None if u.split is None else "train" if u.split == "train" else "val"
+        by_split[own or split_of(u.dialogue_id, val_fraction)].append(u)
     if not by_split["train"]:
         raise ValueError(f"{source}: no utterances left for training after the train/val split")
     if not by_split["val"]:  # tiny sources: hold out the last dialogue rather than validate on nothing
@@ -189,10 +204,14 @@ def prepare(
         # Written in order of duration, in small chunks: litdata shuffles chunk order and items within a chunk, so a
         # batch drawn from one chunk holds clips of similar length and little padding (bucketing for free).
         items = sorted(items, key=lambda u: (u.duration, u.id))
-        if workers <= 1:  # in this process: a spawned litdata worker would only add its start-up
-            write_items(map(_ItemFn(sample_rate), items), chunks_dir(out, split), chunk_bytes="8MB")
-        else:
-            write_chunks(_ItemFn(sample_rate), items, chunks_dir(out, split), workers=workers, chunk_bytes="8MB")
+        copies = [(sample_rate, chunks_dir(out, split))]
+        if fmt == "kespeechchat" and sample_rate != SAMPLE_RATE:
+            copies.append((SAMPLE_RATE, Path(out) / SPEECH_CHUNKS / split))
+        for rate, where in copies:
+            if workers <= 1:  # in this process: a spawned litdata worker would only add its start-up
+                write_items(map(_ItemFn(rate), items), where, chunk_bytes="8MB")
+            else:
+                write_chunks(_ItemFn(rate), items, where, workers=workers, chunk_bytes="8MB")
     tok_path = out / "tokenizer.json"
     texts = [u.text for u in by_split["train"] if u.text]
     if not tok_path.is_file() and texts:
@@ -201,12 +220,16 @@ def prepare(
         "source": str(source),
         "format": fmt,
         "sample_rate": sample_rate,
+        **({"speech_chunks": {"dir": SPEECH_CHUNKS, "sample_rate": SAMPLE_RATE}}
+           if fmt == "kespeechchat" and sample_rate != SAMPLE_RATE else {}),
         "transcribed": {s: sum(bool(u.text) for u in v) for s, v in by_split.items()},
         "max_duration": max_duration,
         "val_fraction": val_fraction,
         "utterances": {s: len(v) for s, v in by_split.items()},
         "hours": {s: round(sum(u.end - u.start for u in v) / 3600, 3) for s, v in by_split.items()},
         "rejected_report": str(report) if report.exists() else None,
+        **({"source_splits": dict(sorted(Counter(u.split for u in utts if u.split).items()))}
+           if any(u.split for u in utts) else {}),
     }
     write_json(out / STAMP, stamp)
     return stamp

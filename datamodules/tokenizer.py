@@ -1,7 +1,8 @@
 """Stage-1 data: utterance audio at 16 kHz and its transcript, for the supervised speech tokenizer (ASR).
 
 The log-mel front end runs inside the model (``lit_keomni.nn.audio.LogMel``), batched and on the accelerator, so this
-module only resamples each clip from the chunks' rate to 16 kHz and pads batches.
+module only pads batches. Audio is resampled to 16 kHz once, by ``prepare``; chunks stored at another rate (prepared
+with ``--sample-rate``) are resampled here, clip by clip.
 """
 
 from __future__ import annotations
@@ -9,25 +10,32 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import soxr
 import torch
+from litdata import StreamingDataset
 
-from datamodules.streaming import StreamingDataModule
-
-ASR_SAMPLE_RATE = 16_000
-"""Whisper's input rate."""
+from datamodules.streaming import StreamingDataModule, is_remote, speech_chunks_dir
+from lit_keomni.audio import SAMPLE_RATE, resample
 
 
 def asr_example(item: dict[str, Any]) -> dict[str, Any]:
     """A raw utterance item -> {id, audio (float32, 16 kHz), text, language}."""
     audio = item["audio"].astype(np.float32) / 32768.0
-    if item["sample_rate"] != ASR_SAMPLE_RATE:
-        audio = soxr.resample(audio, item["sample_rate"], ASR_SAMPLE_RATE)
+    audio = resample(audio, item["sample_rate"], SAMPLE_RATE)
     return {"id": item["id"], "audio": torch.from_numpy(np.ascontiguousarray(audio)), "text": item["text"],
             "language": item["language"]}
 
 
 class TokenizerDataModule(StreamingDataModule):
-    """Utterances (any speaker, both languages) for ASR training of the speech tokenizer."""
+    """Utterances (any speaker, both languages) for ASR training of the speech tokenizer; a dialogue corpus is read
+    from its 16 kHz copy (``streaming.SPEECH_CHUNKS``)."""
 
     transform = staticmethod(asr_example)
+
+    def dataset(self, split: str, root: str | None = None) -> StreamingDataset:
+        root = root or self.chunks_root()
+        if is_remote(root):
+            return super().dataset(split, root)
+        path = speech_chunks_dir(root, split)
+        if not (path / "index.json").is_file():
+            return super().dataset(split, root)  # its error names the missing chunks
+        return StreamingDataset(str(path), shuffle=split == "train", seed=self.seed, transform=self.transform)

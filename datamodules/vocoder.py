@@ -21,8 +21,8 @@ from litdata import StreamingDataset
 
 from datamodules.streaming import SPLITS, StreamingDataModule, chunks_dir, write_items
 from lit_keomni.atomic import write_json
+from lit_keomni.audio import resample
 from lit_keomni.checkpoints import unit_meta
-from lit_keomni.nn.audio import resample
 from lit_keomni.speech_tokens import STAMP as TOKENS_STAMP
 from lit_keomni.speech_tokens import tokenize, tokens_are_current
 

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.units import default_device, hf_folder_config, import_transformers
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 FRAMES_PER_SECOND = 50
 """Whisper encoder frames per second (two 10 ms mel frames each)."""
 MAX_SECONDS = 30.0

@@ -20,6 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 
 from lit_keomni.atomic import staged_dir, staged_file, write_json
+from lit_keomni.audio import SAMPLE_RATE
 from torch import Tensor
 
 EXPORT_VERSION = 1
@@ -399,7 +400,7 @@ def unit_meta(path: str | Path) -> dict[str, Any]:
     else:
         num_units, rate = meta["config"]["num_units"], meta["config"]["frame_rate"]
     return {"kind": kind, "num_units": int(num_units), "frame_rate": float(rate),
-            "sample_rate": int(meta.get("sample_rate", 16000)), "fingerprint": export_fingerprint(path)}
+            "sample_rate": int(meta.get("sample_rate", SAMPLE_RATE)), "fingerprint": export_fingerprint(path)}
 
 
 # ---------------------------------------------------------------------------------------------------- speech decoder
@@ -468,3 +469,39 @@ def load_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
     model = UnitVocoder(int(exp.meta["num_units"]), config)
     load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
     return model.remove_weight_norm().eval(), exp.meta
+
+
+def load_mel_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """A stage-7 HiFT export (kind ``mel_vocoder``) -> (``HiFTGenerator`` in eval mode, weight norm folded in; export
+    metadata: ``sample_rate``, ``n_mels``, ``hop`` and ``mel``, the settings of the mel it reads). The recorded sizes
+    must agree with the generator config."""
+    from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator
+
+    exp = load_export(path, "mel_vocoder")
+    source = str(exp.path / CONFIG_FILE)
+    config = HiFTConfig.from_dict(exp.config, source=source)
+    for field, value in (("sample_rate", config.sampling_rate), ("n_mels", config.in_channels), ("hop", config.hop)):
+        if exp.meta.get(field) != value:
+            raise ValueError(f"{source}: field '{field}' is {exp.meta.get(field)!r}, but the config gives {value!r}")
+    model = HiFTGenerator(config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.remove_weight_norm().eval(), exp.meta
+
+
+def load_flow_decoder(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """A GLM-4-Voice decoder export (kind ``flow_decoder``: recipes/stage7_flow.yaml, or ``import glm4voice-decoder``)
+    -> (``FlowDecoder`` in eval mode, export metadata: ``codebook_size``, ``frame_rate_hz``, ``sample_rate``, ``hop``,
+    ``n_mels``, ``mel`` and ``units_fingerprint`` of the speech tokens it decodes). The recorded sizes must agree with
+    the flow config; ``expect`` as for ``load_export``."""
+    from lit_keomni.nn.flow import FlowConfig, FlowDecoder
+
+    exp = load_export(path, "flow_decoder", expect)
+    source = str(exp.path / CONFIG_FILE)
+    config = FlowConfig.from_dict(exp.config, source=source)
+    for field, value in (("codebook_size", config.vocab_size), ("frame_rate_hz", config.frame_rate),
+                         ("sample_rate", config.sample_rate), ("hop", config.hop_length), ("n_mels", config.n_mels)):
+        if exp.meta.get(field) != value:
+            raise ValueError(f"{source}: field '{field}' is {exp.meta.get(field)!r}, but the config gives {value!r}")
+    model = FlowDecoder(config)
+    load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
+    return model.eval(), exp.meta

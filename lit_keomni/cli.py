@@ -32,6 +32,8 @@ STAGES = {
     "stage5": "speech decoder: duration predictor (LLM hidden states -> frames per token)  lit_keomni.stages.duration.DurationStage",
     "stage6": "speech decoder: unit generator (upsampled hidden states -> units, one agent voice)  lit_keomni.stages.unit_generator.UnitGeneratorStage",
     "stage7": "unit HiFi-GAN vocoder (units -> waveform, one per agent speaker)  lit_keomni.stages.vocoder.Vocoder",
+    "stage7_hift": "HiFT mel vocoder (80-bin mel -> 22,050 Hz waveform, GLM-4-Voice decoder)  lit_keomni.stages.mel_vocoder.MelVocoder",
+    "stage7_flow": "flow-matching decoder (speech tokens -> 22,050 Hz mel, GLM-4-Voice decoder)  lit_keomni.stages.flow_decoder.SpeechFlowDecoder",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test")
 
@@ -61,6 +63,7 @@ def usage() -> str:
         "  chat INPUT                 speech in, streamed speech out (--pipeline keomni|glm), timed; chat --help",
         "released models:",
         "  import glm4voice-tokenizer DIR   GLM-4-Voice's speech tokenizer as a stage-1 export",
+        "  import glm4voice-decoder DIR     GLM-4-Voice's speech decoder (flow + HiFT) as a flow_decoder export",
         "  import lm DIR              a released LM folder (+ --speech-export) as an LM export (chat, eval)",
         "  release EXPORT --out DIR   an export in the released layout it came from (LM: or --format)",
         "",
@@ -382,9 +385,20 @@ def import_command(argv: list[str]) -> None:
     st.add_argument("--out", required=True, help="export folder to write (replaced atomically)")
     st.add_argument("--tokenizer", default=None,
                     help="tokenizer.json of the ASR decoder when the folder has none (whisper-large-v3's)")
+    dec = sub.add_parser("glm4voice-decoder", help="GLM-4-Voice's released speech decoder folder -> a flow_decoder "
+                                                   "export with its HiFT as a mel_vocoder export inside (chat --decoder)")
+    dec.add_argument("folder", help="released folder: config.yaml, flow.pt, hift.pt")
+    dec.add_argument("--out", required=True, help="export folder to write (replaced atomically)")
+    dec.add_argument("--speech-export", default=None,
+                     help="the imported glm-4-voice-tokenizer export whose tokens it decodes (recorded, so that chat "
+                          "checks the LM writes them)")
     a = p.parse_args(argv)
     if a.what == "lm":
         out = import_lm(a.folder, a.speech_export, a.out, stage=a.stage, template=a.template)
+    elif a.what == "glm4voice-decoder":
+        from lit_keomni.token2wav import import_glm4voice_decoder
+
+        out = import_glm4voice_decoder(a.folder, a.out, a.speech_export)
     else:
         out = import_speech_tokenizer(a.folder, a.out, tokenizer=a.tokenizer)
     print(f"wrote {out}")

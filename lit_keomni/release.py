@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lit_keomni.atomic import staged_dir
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.checkpoints import (CONFIG_FILE, export_kind, load_export, lm_tokenizer, read_export_meta,
                                     read_vocabulary, write_export)
 from lit_keomni.configs import TransformerConfig, config_dict
@@ -109,13 +110,11 @@ def import_speech_tokenizer(folder: str | Path, out: str | Path, *, tokenizer: s
     """GLM-4-Voice's released speech tokenizer folder -> a stage-1 export (``tokenize``, ``chat --pipeline glm``,
     stage 2 data, and stage 1's ``init_from`` to fine-tune it). The ASR decoder's vocabulary is the folder's
     ``tokenizer.json`` or ``tokenizer`` (whisper-large-v3's, whose vocabulary the released tokenizer keeps)."""
-    from lit_keomni.layouts import glm4voice_tokenizer as layout
-
     model, text_tokenizer, _ = load_released_speech_tokenizer(folder, tokenizer)
     c = model.config
     return write_export(
         out, kind="speech_tokenizer", config=config_dict(c), state_dict=model.state_dict(),
-        extra={"frame_rate_hz": c.frame_rate_hz, "codebook_size": c.codebook_size, "sample_rate": layout.SAMPLE_RATE,
+        extra={"frame_rate_hz": c.frame_rate_hz, "codebook_size": c.codebook_size, "sample_rate": SAMPLE_RATE,
                "vq_active": True, "weights_source": {"format": SPEECH_TOKENIZER_FORMAT,
                                                      "folder": str(Path(folder).resolve())}},
         files={"tokenizer": text_tokenizer.save})

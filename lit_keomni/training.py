@@ -12,7 +12,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from lit_keomni.audio import SAMPLE_RATE
 
 
 def adamw_with_schedule(
@@ -108,7 +110,7 @@ class TokenThroughput(L.Callback):
         if rows:
             pl_module.log("perf/samples_per_s", rows * ranks / dt, on_step=True, on_epoch=False)
         if "audio_lengths" in batch:
-            seconds = float(batch["audio_lengths"].sum()) / getattr(pl_module, "sample_rate", 16_000)
+            seconds = float(batch["audio_lengths"].sum()) / getattr(pl_module, "sample_rate", SAMPLE_RATE)
             pl_module.log("perf/audio_s_per_s", seconds * ranks / dt, on_step=True, on_epoch=False)
         if "n_tokens" not in batch:
             return
@@ -227,3 +229,39 @@ class Stage(L.LightningModule):
         exp = getattr(self.logger, "experiment", None)
         if self.global_rank == 0 and exp is not None and hasattr(exp, "add_text"):
             exp.add_text(tag, text, self.global_step)
+
+
+def log_val_mel_l1(module: L.LightningModule, sums: list[float]) -> float:
+    """Log ``val/mel_l1`` of a vocoder stage: ``sums`` = (L1 total, valid frames x bins) of this rank's validation,
+    summed over ranks; the sanity check's value is kept as ``module.init_mel_l1`` and logged as ``val/mel_l1_start``
+    (Lightning drops the sanity check's ``self.log``)."""
+    total = torch.tensor(sums, dtype=torch.float64)
+    if module.trainer.world_size > 1:
+        total = module.all_gather(total).sum(0)
+    value = float(total[0] / max(float(total[1]), 1.0))  # mean over every valid frame and mel bin of the val set
+    module.log("val/mel_l1", value, prog_bar=True)
+    sanity = module.trainer.sanity_checking
+    if sanity:
+        module.init_mel_l1 = value
+        if module.logger is not None and module.global_rank == 0:
+            module.logger.log_metrics({"val/mel_l1_start": value}, step=module.global_step)
+    module.print(f"val/mel_l1 at step {module.global_step}{' (start)' if sanity else ''}: {value:.4f}")
+    return value
+
+
+def log_audio_samples(module: L.LightningModule, ids: list[str], wav: Tensor, fake: Tensor, mel_real: Tensor,
+                      mel_fake: Tensor, lengths: Tensor, frames: Tensor, sample_rate: int, count: int) -> None:
+    """Generated and real audio of the first ``count`` utterances and their mel images in TensorBoard (rank 0;
+    loggers with add_audio/add_image)."""
+    from lit_keomni.nn.audio import mel_spectrogram_image
+
+    exp = getattr(module.logger, "experiment", None)
+    if module.global_rank != 0 or not (hasattr(exp, "add_audio") and hasattr(exp, "add_image")):
+        return
+    step = module.global_step
+    for i in range(min(count, wav.shape[0])):
+        n, f = int(lengths[i]), int(frames[i])
+        exp.add_audio(f"val/{ids[i]}/generated", fake[i, :n].float().clamp(-1, 1)[None].cpu(), step, sample_rate)
+        exp.add_audio(f"val/{ids[i]}/real", wav[i, :n].float()[None].cpu(), step, sample_rate)
+        exp.add_image(f"val/{ids[i]}/mel_generated", mel_spectrogram_image(mel_fake[i, :, :f]), step, dataformats="CHW")
+        exp.add_image(f"val/{ids[i]}/mel_real", mel_spectrogram_image(mel_real[i, :, :f]), step, dataformats="CHW")

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.checkpoints import CONFIG_FILE, export_fingerprint, load_export, write_export
 
 KIND = "units"
-SAMPLE_RATE = 16_000
-"""HuBERT's input rate."""
 MAX_DISTANCE_ELEMENTS = 1 << 25
 """Largest (frames x centroids) distance block computed at once (128 MiB in float32), whatever k and the data size."""
 

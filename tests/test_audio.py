@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lit_keomni.nn.audio import LogMel, load_wav, mel_spectrogram_image, resample, save_wav
+from lit_keomni.audio import resample
+from lit_keomni.nn.audio import LogMel, load_wav, mel_spectrogram_image, save_wav
 
 SR = 16000
 

@@ -11,9 +11,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from lit_keomni.chat import GlmChat, KeOmniChat, UnitStream, read_input, tiny_exports
+from lit_keomni.chat import GlmChat, KeOmniChat, UnitStream, read_input
 from lit_keomni.cli import main as cli
 from lit_keomni.nn.keomni import answer_hidden_states
+from tests.exports import tiny_exports
 
 FRAMES_PER_TOKEN = 2
 

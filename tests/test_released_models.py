@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_keomni.chat import GlmChat, read_input, tiny_exports
+from lit_keomni.chat import GlmChat
 from lit_keomni.checkpoints import lm_tokenizer, load_lm
 from lit_keomni.cli import main
 from lit_keomni.configs import TransformerConfig
@@ -23,6 +23,7 @@ from lit_keomni.layouts import lm_format, load_lm_folder, save_lm_folder
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.release import import_lm, release
 from lit_keomni.text.tokenizer import TextTokenizer
+from tests.exports import tiny_exports, tiny_vocoder
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 GLM_VOCAB = GOLDEN / "glm4_tokenizer"
@@ -179,7 +180,6 @@ def test_chat_runs_the_released_tokenizer_and_lm(tmp_path):
     question's tokens are the reference tokenizer's ids."""
     import soundfile as sf
 
-    from lit_keomni.chat import tiny_vocoder
     from lit_keomni.release import import_speech_tokenizer
 
     golden = GOLDEN / "glm4voice_tokenizer"

@@ -149,6 +149,42 @@ def test_folder_without_transcripts_is_unsupervised_speech(tmp_path):
     assert not (tmp_path / "out" / "tokenizer.json").exists()
 
 
+def make_librispeech(root: Path) -> Path:
+    """LibriSpeech's layout: speaker/chapter/ folders of ``spk-chap-NNNN.flac`` and one ``spk-chap.trans.txt``."""
+    for spk, chap in (("84", "121123"), ("174", "50561")):
+        folder = root / spk / chap
+        lines = []
+        for k in range(3):
+            uid = f"{spk}-{chap}-{k:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            sf.write(folder / f"{uid}.flac", _tone(0.4 + 0.1 * k, 16000), 16000)
+            lines.append(f"{uid} {WORDS[k].upper()}")
+        (folder / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_librispeech_chapter_transcripts(tmp_path):
+    src = make_librispeech(tmp_path / "LibriSpeech" / "dev-clean")
+    assert detect_format(src) == "folder"
+    _prepare(src, tmp_path / "out", "folder")
+    items = _all_items(tmp_path / "out")
+    assert len(items) == 6
+    it = items["174/50561/174-50561-0002"]
+    assert it["text"] == WORDS[2].upper() and it["speaker"] == "174" and it["sample_rate"] == 16000
+    assert len(it["audio"]) == pytest.approx(0.6 * 16000, abs=2)
+
+
+def test_librispeech_bad_tables_name_file_line_and_item(tmp_path):
+    src = make_librispeech(tmp_path / "ls")
+    table = src / "84" / "121123" / "84-121123.trans.txt"
+    table.write_text(table.read_text() + "84-121123-0009 NO SUCH FILE\n", encoding="utf-8")
+    msg = _error(src, "folder")
+    assert f"{table}:4" in msg and "'84/121123/84-121123-0009'" in msg and "transcript without audio" in msg
+    table.write_text("84-121123-0000 ONE\n84-121123-0001 TWO\n", encoding="utf-8")  # 0002 is not listed
+    msg = _error(src, "folder")
+    assert "84-121123-0002.flac" in msg and "nor a line in a .trans.txt table" in msg
+
+
 def test_kaldi_segments_cut_from_recordings(tmp_path):
     src = make_kaldi(tmp_path / "kaldi")
     assert detect_format(src) == "kaldi"
@@ -204,6 +240,30 @@ def test_hf_dataset_audio_bytes_and_columns(tmp_path, kind):
     by_text = {it["text"]: it for it in items}
     assert len(by_text[WORDS[4]]["audio"]) == pytest.approx(0.7 * 16000, abs=2)
     assert by_text[WORDS[5]]["language"] == "zh" and by_text[WORDS[0]]["language"] == "en"
+
+
+@pytest.mark.parametrize("kind", ["disk", "parquet"])
+def test_hf_dataset_keeps_its_own_splits(tmp_path, kind):
+    """A DatasetDict (``save_to_disk``) or parquet files named by split: train rows train, the others validate."""
+    import datasets
+
+    def split(names: list[int]) -> datasets.Dataset:
+        ds = datasets.Dataset.from_dict({"id": [f"u{i}" for i in names], "sentence": [WORDS[i % 6] for i in names],
+                                         "audio": [{"bytes": _wav_bytes(0.3), "path": None} for _ in names]})
+        return ds.cast_column("audio", datasets.Audio(decode=False))
+
+    splits = {"train": split([0, 1, 2, 3, 4, 5, 6, 7]), "validation": split([8, 9]), "test": split([10])}
+    src = tmp_path / "hf"
+    if kind == "disk":
+        datasets.DatasetDict(splits).save_to_disk(str(src))
+    else:
+        (src / "data").mkdir(parents=True)
+        for name, ds in splits.items():
+            ds.to_parquet(str(src / "data" / f"{name}-00000-of-00001.parquet"))
+    stamp = _prepare(src, tmp_path / "out", "hf", SourceOptions(text_column="sentence"))
+    assert sorted(it["id"] for it in _items(tmp_path / "out", "val")) == ["u10", "u8", "u9"]
+    assert len(_items(tmp_path / "out", "train")) == 8
+    assert stamp["source_splits"] == {"test": 1, "train": 8, "validation": 2}
 
 
 def test_hf_audio_paths_relative_to_the_parquet(tmp_path):
@@ -454,3 +514,79 @@ def test_detect_jsonl_dialogues_or_text(tmp_path):
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_text(json.dumps({"id": "d1", "dialog": []}) + "\n", encoding="utf-8")
     assert (detect_format(text), detect_format(dialogues)) == ("text", "kespeechchat")
+
+
+def test_stage3_mixes_speech_and_text_corpora_by_weight(tmp_path, stage1_export):
+    """Stage 3 over three corpora: transcribed speech feeds speech, ASR and TTS rows, unsupervised speech feeds speech
+    rows only, a text corpus the text rows; each part packed on its own, its share split by the corpus weights; a
+    model trains two steps on it and validation reports each source."""
+    import lightning as L
+
+    from datamodules.pretrain import PretrainDataModule
+    from lit_keomni.stages.pretrain import Pretrain
+
+    _prepare(make_folder(tmp_path / "asr", n=12), tmp_path / "p_asr", "folder")
+    _prepare(make_folder(tmp_path / "speech", n=12, transcripts=False), tmp_path / "p_speech", "folder")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": str(i), "text": f"document {i} " + WORDS[i % 6]}) + "\n"
+                            for i in range(40)), encoding="utf-8")
+    _prepare(docs, tmp_path / "p_text", "text")
+    args = dict(speech_export=str(stage1_export), text_to_token_export=None, tokens_dir=str(tmp_path / "tokens"),
+                packed_dir=str(tmp_path / "packed"), seq_len=32, batch_size=4, num_workers=0, text_fraction=0.25,
+                mixture={"speech": 1.0, "asr": 1.0, "tts": 1.0},
+                sources=[{"path": str(tmp_path / "p_asr"), "weight": 3}, {"path": str(tmp_path / "p_speech"), "weight": 1},
+                         {"path": str(tmp_path / "p_text"), "weight": 1}])
+    data = PretrainDataModule(**args)
+    data.prepare_data()
+    data.setup()
+    weights = data.part_weights()
+    assert sorted(weights) == ["asr/0-p_asr", "speech/0-p_asr", "speech/1-p_speech", "text/2-p_text", "tts/0-p_asr"]
+    assert weights["text/2-p_text"] == pytest.approx(0.25) and sum(weights.values()) == pytest.approx(1.0)
+    assert weights["speech/0-p_asr"] == pytest.approx(3 * weights["speech/1-p_speech"])
+    assert weights["asr/0-p_asr"] == pytest.approx(0.25)  # the only transcribed corpus takes all of ASR's share
+    stats = data.packed_stats()["sources"]
+    assert stats["speech/1-p_speech"]["train"]["documents"] == len(_items(tmp_path / "p_speech", "train"))
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["0-p_asr", "1-p_speech"]
+    seen = {i.split("/")[0] for b in data.train_dataloader() for i in b["id"]}
+    assert seen == {"text", "speech", "asr", "tts"}
+    assert data.rows_available()["speech"] == stats["speech/0-p_asr"]["train"]["rows"] + stats["speech/1-p_speech"]["train"]["rows"]
+
+    L.seed_everything(5)
+    model = Pretrain(config="tiny", overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1,
+                                               "intermediate_size": 64, "block_size": 32},
+                     speech_export=str(stage1_export), warmup_steps=1, export_dir=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        val_check_interval=2, check_val_every_n_epoch=None, default_root_dir=str(tmp_path))
+    trainer.fit(model, PretrainDataModule(**args))
+    assert {"val/loss_text", "val/loss_speech", "val/loss_asr", "val/loss_tts"} <= set(trainer.callback_metrics)
+
+    only_speech = {**args, "sources": [{"path": str(tmp_path / "p_speech"), "weight": 1}],
+                   "packed_dir": str(tmp_path / "packed2")}
+    with pytest.raises(ValueError, match="'mixture' gives source 'asr' a weight, but no corpus of data.sources can "
+                                         "feed it \\(none has transcripts"):
+        PretrainDataModule(**only_speech).prepare_data()
+
+
+def test_dialogue_corpus_gets_a_16k_copy_that_stage1_reads(prepared):
+    """The built-in corpus is stored at 22,050 Hz (the vocoder rate) with a 16 kHz copy of the same utterances, which
+    the stage-1 loader reads: no resampling per epoch."""
+    import soxr
+
+    from datamodules.streaming import SPEECH_CHUNKS, STAMP
+    from datamodules.tokenizer import TokenizerDataModule
+
+    stamp = json.loads((prepared / STAMP).read_text())
+    assert stamp["sample_rate"] == 22050 and stamp["speech_chunks"] == {"dir": SPEECH_CHUNKS, "sample_rate": 16000}
+    for split in ("train", "val"):
+        full = {it["id"]: it for it in _items(prepared, split)}
+        copy = StreamingDataset(str(prepared / SPEECH_CHUNKS / split))
+        copy = {copy[i]["id"]: copy[i] for i in range(len(copy))}
+        assert sorted(copy) == sorted(full)
+        some = next(iter(copy))
+        assert copy[some]["sample_rate"] == 16000 and copy[some]["text"] == full[some]["text"]
+        again = soxr.resample(full[some]["audio"].astype(np.float32) / 32768, 22050, 16000)
+        assert np.abs(copy[some]["audio"] / 32768 - again).max() < 2e-3  # one resampling of the same utterance
+    data = TokenizerDataModule(data_dir=str(prepared), batch_size=2, num_workers=0)
+    data.setup()
+    assert Path(data.datasets["train"].input_dir.path) == prepared / SPEECH_CHUNKS / "train"

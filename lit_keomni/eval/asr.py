@@ -35,6 +35,7 @@ import jiwer
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.eval.report import read_jsonl, write_report
 
 if TYPE_CHECKING:
@@ -155,9 +156,6 @@ def _edits(result: jiwer.WordOutput | jiwer.CharacterOutput) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- the eval task
-
-SAMPLE_RATE = 16_000
-"""Input rate of the stage-1 model (Whisper's)."""
 
 
 class Transcriber:

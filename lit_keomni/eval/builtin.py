@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from lit_keomni.atomic import staged_dir, write_json
-from lit_keomni.nn.audio import resample, save_wav
+from lit_keomni.audio import SAMPLE_RATE, resample
+from lit_keomni.nn.audio import save_wav
 
 SET_VERSION = 1
 """Bump when the texts or the synthesis of a set change: a folder stamped with another version is rebuilt."""
 STAMP = "builtin.json"
-SAMPLE_RATE = 16_000
 SPEAKER_ID = "user-m1-p50-r165"
 """The fixed user voice every built-in evaluation utterance is spoken in."""
 STORYCLOZE_FILE = "storycloze.jsonl"

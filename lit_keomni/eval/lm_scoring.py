@@ -16,15 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from lit_keomni import checkpoints
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.checkpoints import CONFIG_FILE, load_lm
 from lit_keomni.eval.report import read_jsonl
 from lit_keomni.nn.audio import load_wav
 from lit_keomni.nn.transformer import Transformer
 from lit_keomni.text.templates import DIALOGUE_MODES, pad_batch
 from lit_keomni.text.tokenizer import TextTokenizer
-
-SAMPLE_RATE = 16_000
-"""Audio is read at the speech tokenizer's input rate."""
 
 
 # ---------------------------------------------------------------------------------------------------- exports

@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.eval.asr import language_family, normalize
 from lit_keomni.eval.builtin import build_qa_set
-from lit_keomni.eval.lm_scoring import (SAMPLE_RATE, SpeechLM, Stage1Speech, add_common_arguments, audio_path,
-                                        by_language, export_kind, load_speech_lm, read_records, stage1_for)
+from lit_keomni.eval.lm_scoring import (SpeechLM, Stage1Speech, add_common_arguments, audio_path, by_language,
+                                        export_kind, load_speech_lm, read_records, stage1_for)
 from lit_keomni.eval.report import write_report
 from lit_keomni.generate import generate
 from lit_keomni.nn.audio import load_wav

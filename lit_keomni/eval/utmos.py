@@ -20,13 +20,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.eval.report import read_jsonl, write_report
 
 if TYPE_CHECKING:
     from torch import nn
-
-SAMPLE_RATE = 16_000
-"""UTMOS's input rate."""
 
 MIN_SAMPLES = 400
 """wav2vec 2.0's first convolution (kernel 10, stride 5) and the four after it need 25 ms of audio."""

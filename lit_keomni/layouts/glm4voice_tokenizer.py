@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.configs import SpeechTokenizerConfig
 
 ARCHITECTURES = ("WhisperVQForConditionalGeneration",)
-HOP, SAMPLE_RATE = 160, 16_000
+HOP = 160
 
 _WHISPER = {  # WhisperConfig field -> SpeechTokenizerConfig field
     "num_mel_bins": "n_mels", "d_model": "d_model", "encoder_attention_heads": "n_head",

@@ -1,4 +1,4 @@
-"""Audio front end: Whisper's log-mel features in torch, resampling and wav I/O.
+"""Audio front end: Whisper's log-mel features in torch and wav I/O (resampled on reading).
 
 ``LogMel`` reproduces ``whisper.log_mel_spectrogram`` (and ``transformers.WhisperFeatureExtractor``) for batches of
 unequal lengths: 16 kHz, 25 ms Hann window (n_fft 400), 10 ms hop (100 frames/s), Slaney mel filters up to 8 kHz,
@@ -6,7 +6,9 @@ log10, a floor 8 decades below each utterance's loudest frame, then ``(x + 4) / 
 with silence to 30 s, so here every utterance is treated as followed by silence, whatever the batch padding holds:
 an utterance's valid frames are the same alone, in any batch, and in Whisper's 30 s window.
 
-Files are read and written with soundfile and resampled with soxr; nothing here downloads anything.
+Files are read and written with soundfile and resampled with ``lit_keomni.audio.resample`` (soxr); nothing here
+downloads anything. ``SAMPLE_RATE`` and ``resample`` are imported from ``lit_keomni.audio`` (their one home, which
+needs no torch) for ``LogMel``'s default and ``load_wav``; import them from there.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.atomic import staged_file
+from lit_keomni.audio import SAMPLE_RATE, resample
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -62,12 +64,13 @@ class LogMel(nn.Module):
 
     Args:
         n_mels: mel bands; 80 for Whisper up to large-v2, 128 for whisper-large-v3.
-        sample_rate: expected input rate (Whisper: 16000); resample before, this module does not.
+        sample_rate: expected input rate (Whisper: ``SAMPLE_RATE``, 16 kHz); resample before, this module does not.
         n_fft: FFT size and Hann window length (400 = 25 ms).
         hop_length: frame shift (160 = 10 ms, 100 frames/s).
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, n_fft: int = 400, hop_length: int = 160) -> None:
+    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int = 400,
+                 hop_length: int = 160) -> None:
         super().__init__()
         self.n_mels = n_mels
         self.sample_rate = sample_rate
@@ -152,14 +155,6 @@ class LogMel(nn.Module):
         # frames past an utterance's padded end are never valid and lie in pooling windows of their own
         mel = torch.stack([F.pad(f, (0, frames - f.shape[-1]), value=float(f.min())) for f in feats])
         return mel, torch.tensor(lengths, device=mel.device)
-
-
-def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Resample ``wav`` (S,) or (S, C) from ``orig_sr`` to ``target_sr`` with soxr (high quality); float32 out."""
-    wav = np.asarray(wav, dtype=np.float32)
-    if orig_sr == target_sr:
-        return wav
-    return soxr.resample(wav, orig_sr, target_sr).astype(np.float32, copy=False)
 
 
 def load_wav(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[np.ndarray, int]:

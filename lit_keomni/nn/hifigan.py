@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.configs import _Registered
 from lit_keomni.nn.audio import mel_filters
 
@@ -69,7 +70,7 @@ class VocoderConfig(_Registered):
     """Speakers of a speaker embedding added to the input; 0 = one model per speaker (KE-Omni §5.1)."""
     speaker_dim: int = 128
     """Width of the speaker embedding (used when ``num_speakers`` > 0)."""
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     """Output sample rate; the unit source's audio rate."""
     frame_rate: float = 12.5
     """Units per second; ``hop = sample_rate / frame_rate`` output samples per unit."""
@@ -357,7 +358,7 @@ class VocoderMel(nn.Module):
     the loss of one frame does not depend on the loudest frame of the clip.
     """
 
-    def __init__(self, sample_rate: int = 16000, n_fft: int = 1024, hop_length: int = 256, n_mels: int = 80,
+    def __init__(self, sample_rate: int = SAMPLE_RATE, n_fft: int = 1024, hop_length: int = 256, n_mels: int = 80,
                  f_max: float = 8000.0) -> None:
         super().__init__()
         self.n_fft, self.hop_length = n_fft, hop_length

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_keomni.audio import SAMPLE_RATE
 from lit_keomni.checkpoints import (
     check_hf_whisper_config,
     load_state_checked,
@@ -40,7 +41,6 @@ from lit_keomni.text.tokenizer import TextTokenizer
 from lit_keomni.training import adamw_with_schedule, gather_lists, grad_norm, rng_state, set_rng_state
 
 EXPORT_KIND = "speech_tokenizer"
-SAMPLE_RATE = 16_000
 
 
 def spec_augment(mel: Tensor, lengths: Tensor, gen: torch.Generator, freq_masks: int, freq_width: int,
@@ -199,6 +199,9 @@ class SpeechTokenizer(L.LightningModule):
         mel, mel_lengths = self.logmel(batch["audio"], batch["audio_lengths"])
         if augment:
             mel = spec_augment(mel, mel_lengths, self.aug_gen, 2, 10, 2, 25)
+        return self._loss_from_mel(batch, mel, mel_lengths)
+
+    def _loss_from_mel(self, batch: dict[str, Any], mel: Tensor, mel_lengths: Tensor) -> dict[str, Tensor]:
         tokens, lengths = self._targets(batch["text"])
         logits, enc = self.model(mel, mel_lengths, tokens[:, :-1])
         pad = self.text_tokenizer.pad_id

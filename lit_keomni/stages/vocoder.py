@@ -25,7 +25,6 @@ from torch import Tensor
 from lit_keomni.checkpoints import unit_meta, write_export
 from lit_keomni.configs import config_dict
 from lit_keomni.distributed import apply_compile
-from lit_keomni.nn.audio import mel_spectrogram_image
 from lit_keomni.nn.hifigan import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
@@ -36,7 +35,7 @@ from lit_keomni.nn.hifigan import (
     feature_loss,
     generator_loss,
 )
-from lit_keomni.training import Stage
+from lit_keomni.training import Stage, log_audio_samples, log_val_mel_l1
 
 EXPORT_KIND = "vocoder"
 
@@ -190,32 +189,12 @@ class Vocoder(Stage):
             self._log_samples(batch["id"], wav, fake, mel_real, mel_fake, lengths, frames)
 
     def on_validation_epoch_end(self) -> None:
-        sums = torch.tensor(self._val, dtype=torch.float64)
-        if self.trainer.world_size > 1:
-            sums = self.all_gather(sums).sum(0)
-        value = float(sums[0] / max(float(sums[1]), 1.0))  # mean over every valid frame and mel bin of the val set
-        self.log("val/mel_l1", value, prog_bar=True)
-        if self.trainer.sanity_checking:  # Lightning drops self.log() of the sanity check: keep and log it directly
-            self.init_mel_l1 = value
-            if self.logger is not None and self.global_rank == 0:
-                self.logger.log_metrics({"val/mel_l1_start": value}, step=self.global_step)
-        self.print(f"val/mel_l1 at step {self.global_step}{' (start)' if self.trainer.sanity_checking else ''}: {value:.4f}")
+        log_val_mel_l1(self, self._val)
 
     def _log_samples(self, ids: list[str], wav: Tensor, fake: Tensor, mel_real: Tensor, mel_fake: Tensor,
                      lengths: Tensor, frames: Tensor) -> None:
-        """Generated and real audio and their mel images in TensorBoard (rank 0; loggers with add_audio/add_image)."""
-        exp = getattr(self.logger, "experiment", None)
-        if self.global_rank != 0 or not (hasattr(exp, "add_audio") and hasattr(exp, "add_image")):
-            return
-        sr = self.vocoder_config.sample_rate
-        for i in range(min(self.hparams.val_log_samples, wav.shape[0])):
-            n, f = int(lengths[i]), int(frames[i])
-            exp.add_audio(f"val/{ids[i]}/generated", fake[i, :n].float().clamp(-1, 1)[None].cpu(), self.global_step, sr)
-            exp.add_audio(f"val/{ids[i]}/real", wav[i, :n].float()[None].cpu(), self.global_step, sr)
-            exp.add_image(f"val/{ids[i]}/mel_generated", mel_spectrogram_image(mel_fake[i, :, :f]), self.global_step,
-                          dataformats="CHW")
-            exp.add_image(f"val/{ids[i]}/mel_real", mel_spectrogram_image(mel_real[i, :, :f]), self.global_step,
-                          dataformats="CHW")
+        log_audio_samples(self, ids, wav, fake, mel_real, mel_fake, lengths, frames, self.vocoder_config.sample_rate,
+                          self.hparams.val_log_samples)
 
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:
