@@ -1,8 +1,12 @@
-"""What the benchmark scripts share: the CPU name printed above each table, and the small LM preset."""
+"""What the benchmark scripts share: the CPU name printed above each table, the load average, the small LM preset and
+the median timer."""
 
 from __future__ import annotations
 
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from typing import Any
@@ -38,3 +42,18 @@ def load_line() -> str:
     import os
 
     return f"load average {os.getloadavg()[0]:.2f}"
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after one warm-up call (CUDA synchronised around each)."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -51,11 +51,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-trainer", action="store_true", help="only the plain loop")
+    ap.add_argument("--precision", default=None, help="override the recipe's trainer.precision (32-true, bf16-mixed)")
     args = ap.parse_args()
 
     import lightning as L
 
     cfg, make = build(args.config, args.data)
+    if args.precision:
+        cfg["trainer"]["precision"] = args.precision
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["trainer"].get("precision") == "bf16-mixed")
     L.seed_everything(1234, verbose=False)
     dm = make(cfg["data"])
     dm.prepare_data()
@@ -68,7 +72,8 @@ def main() -> None:
     clip = float(cfg["trainer"].get("gradient_clip_val") or 0)
     print(machine_line(torch.device("cpu")))
     print(f"recipe {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters, batch "
-          f"{dm.batch_size}, {args.steps} steps after {args.warmup} warm-up | {load_line()}")
+          f"{dm.batch_size}, precision {cfg['trainer'].get('precision')}, {args.steps} steps after {args.warmup} "
+          f"warm-up | {load_line()}")
 
     phases = ["loader", "logmel", "specaug", "forward+loss", "backward", "clip+step"]
     times: dict[str, list[float]] = {p: [] for p in phases}
@@ -84,7 +89,8 @@ def main() -> None:
             from lit_keomni.stages.tokenizer import spec_augment
             mel = spec_augment(mel, mel_lengths, module.aug_gen, 2, 10, 2, 25)
         t.append(time.perf_counter())
-        loss = module._loss_from_mel(batch, mel, mel_lengths)["loss"]
+        with autocast:
+            loss = module._loss_from_mel(batch, mel, mel_lengths)["loss"]
         t.append(time.perf_counter())
         loss.backward()
         t.append(time.perf_counter())

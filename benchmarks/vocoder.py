@@ -14,28 +14,11 @@ The streamed audio is checked against the whole utterance (max abs difference pr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
-from common import machine_line
+from common import machine_line, timed
 from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -155,6 +155,9 @@ class FlowDecoderDataModule(StreamingDataModule):
             **kwargs: ``StreamingDataModule`` options (data_dir, batch_size, num_workers, seed, ...).
         """
         super().__init__(**kwargs)
+        if self.mixture_sources:
+            raise ValueError("data.sources: the flow decoder's pairs are built from one prepared corpus (data.data_dir); "
+                             "prepare your corpora into one folder")
         for name, value in (("crop_tokens", crop_tokens), ("val_max_tokens", val_max_tokens),
                             ("audio_rate", audio_rate), ("hop", hop), ("n_mels", n_mels)):
             if value < 1:

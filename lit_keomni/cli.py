@@ -7,6 +7,8 @@
     python -m lit_keomni units apply --units checkpoints/units --data data/builtin --out data/units
     python -m lit_keomni align --whisper DIR --data JSON_OR_FOLDER --out DIR
     python -m lit_keomni chat --pipeline keomni|glm --model DIR --vocoder DIR [...] question.wav --out chat_out
+    python -m lit_keomni chat --pipeline glm --model DIR --decoder checkpoints/stage7_flow/export question.wav
+    python -m lit_keomni import glm4voice-decoder glm-4-voice-decoder/ --out checkpoints/glm4voice_decoder
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ released folder into our export.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -194,8 +195,6 @@ class SpeechStream:
         self.cache_source: Tensor | None = None
 
     def _part(self, name: str) -> Any:
-        import contextlib
-
         return self.clock.part(name) if self.clock else contextlib.nullcontext()
 
     def _next_block(self) -> int:

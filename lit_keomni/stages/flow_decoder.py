@@ -116,6 +116,14 @@ class SpeechFlowDecoder(Stage):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        self.model = FlowModel(FlowDecoder(self._config()))
+        est = self.model.flow.estimator
+        shard_or_compile(self, self.model, [*self.model.flow.encoder.layers, *est.down, *est.mid, *est.up])
+
+    def _config(self) -> FlowConfig:
+        """The ``FlowConfig``: the preset, the overrides, and the vocabulary and token rate of ``units_from``."""
+        if self.flow_config is not None:
+            return self.flow_config
         h = self.hparams
         self.units_meta = unit_meta(h.units_from)
         where = Path(h.units_from) / CONFIG_FILE
@@ -129,9 +137,7 @@ class SpeechFlowDecoder(Stage):
                                  f"the flow decoder reads exactly that tokenizer's tokens (leave it out to take it)")
             overrides[name] = value
         self.flow_config = FlowConfig.from_name(h.config, **overrides)
-        self.model = FlowModel(FlowDecoder(self.flow_config))
-        est = self.model.flow.estimator
-        shard_or_compile(self, self.model, [*self.model.flow.encoder.layers, *est.down, *est.mid, *est.up])
+        return self.flow_config
 
     @property
     def flow(self) -> FlowDecoder:
@@ -143,9 +149,8 @@ class SpeechFlowDecoder(Stage):
         return self.flow_config.sample_rate if self.flow_config else 22050
 
     def setup(self, stage: str) -> None:
-        self.configure_model()
+        c = self._config()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        c = self.flow_config
         if dm is not None and hasattr(dm, "units_from"):
             if unit_meta(dm.units_from)["fingerprint"] != self.units_meta["fingerprint"]:
                 raise ValueError(f"data.units_from ({dm.units_from}) and model.units_from ({self.hparams.units_from}) "
@@ -171,16 +176,20 @@ class SpeechFlowDecoder(Stage):
             self._asr.append(Transcriber(self.hparams.asr_from, "cpu", batch_size=8))
 
     def _mel_settings(self) -> dict[str, Any]:
+        """The settings of the mel trained on: the datamodule's ``MelFrontEnd``, else the released decoder's at this
+        config's rates (n_fft 1024, 0-8 kHz)."""
         from lit_keomni.nn.hift import MelFrontEnd
 
-        c = self.flow_config
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        f_max = getattr(dm, "f_max", 8000.0)
-        return MelFrontEnd(c.sample_rate, 1024, c.hop_length, c.n_mels, f_max).settings()
+        if hasattr(dm, "mel"):
+            return dm.mel().settings()
+        c = self.flow_config
+        return MelFrontEnd(c.sample_rate, 1024, c.hop_length, c.n_mels, 8000.0).settings()
 
     # ------------------------------------------------------------------ steps
-    def _seed(self, offset: int = 0) -> int:
-        return (self.noise_seed * 1_000_003 + self.global_step * 7919 + self.global_rank + offset) % 2**63
+    def _seed(self) -> int:
+        """The seed of this step's draws on this rank."""
+        return (self.noise_seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % 2**63
 
     def _loss(self, batch: dict[str, Any], seed: int) -> dict[str, Tensor]:
         mel = batch["mel"].transpose(1, 2)  # (B, F, n_mels) -> (B, n_mels, F)
