@@ -51,12 +51,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-trainer", action="store_true", help="only the plain loop")
+    ap.add_argument("--keep-denormals", action="store_true", help="leave torch.set_flush_denormal off")
     ap.add_argument("--precision", default=None, help="override the recipe's trainer.precision (32-true, bf16-mixed)")
     args = ap.parse_args()
 
     import lightning as L
 
     cfg, make = build(args.config, args.data)
+    torch.set_flush_denormal(not args.keep_denormals)
     if args.precision:
         cfg["trainer"]["precision"] = args.precision
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["trainer"].get("precision") == "bf16-mixed")

@@ -71,6 +71,26 @@ SPEECH_CHUNKS = "chunks16k"
 """Folder of the 16 kHz copy of a dialogue corpus's utterances, written beside ``chunks`` by ``prepare``."""
 
 
+ORDERS = ("duration", "shuffled")
+"""Orders ``prepare`` writes training items in."""
+CHARACTERS = "characters"
+"""Folder of the character tokenizer ``prepare`` trains beside ``tokenizer.json`` (one token per character)."""
+
+
+def write_characters(data_dir: str | Path, texts: Iterable[str] | None = None) -> Path:
+    """``data_dir/characters/tokenizer.json``: every character of the training transcripts as one token (word starts
+    marked), the targets the tiny ASR recipe learns fastest from; ``texts`` default to the prepared training split's."""
+    from lit_keomni.text.tokenizer import TextTokenizer
+
+    path = Path(data_dir) / CHARACTERS / "tokenizer.json"
+    if not path.is_file():
+        if texts is None:
+            ds = StreamingDataset(str(chunks_dir(data_dir, "train")))
+            texts = [t for t in (ds[i]["text"] for i in range(len(ds))) if t]
+        TextTokenizer.train(texts, vocab_size=1).save(path.parent)
+    return path
+
+
 def speech_chunks_dir(data_dir: str | Path, split: str) -> Path:
     """The utterances of ``split`` at 16 kHz: the copy ``prepare`` writes for a dialogue corpus (stored at 22,050 Hz
     for the vocoder stages), else the corpus's own chunks."""
@@ -150,6 +170,7 @@ def prepare(
     tokenizer_vocab: int = 600,
     workers: int = 2,
     progress: bool = True,
+    order: str = "duration",
 ) -> dict[str, Any]:
     """Validate a corpus and write ``out/chunks/{train,val}``, ``out/tokenizer.json`` and the ``out/prepared.json`` stamp.
 
@@ -160,8 +181,14 @@ def prepare(
     another rate than 16 kHz get a 16 kHz copy of their utterances too (``SPEECH_CHUNKS``, read by stage 1, whose
     Whisper front end takes 16 kHz), so no loader resamples on every epoch. A ``text`` corpus becomes
     text chunks in ``out/text`` (stage 3's ``text_source``). Utterances without transcripts (unsupervised speech) are
-    kept; the tokenizer is trained on those with one. Returns the stamp (counts and settings).
+    kept; the tokenizer is trained on those with one; a character tokenizer of the same transcripts goes to
+    ``out/characters`` (``CHARACTERS``, the tiny ASR recipe's targets). ``order`` is the order training items are
+    written in: "duration" (batches of similar length, little padding) or "shuffled" (batches of mixed content); the
+    16 kHz copy of a dialogue corpus is always shuffled: stage 1 learns from mixed batches several times faster per
+    step. Returns the stamp (counts and settings).
     """
+    if order not in ORDERS:
+        raise ValueError(f"prepare: order={order!r}, expected one of {ORDERS}")
     from datamodules.corpus import build_corpus
     from datamodules.toy_world import write_text_corpus
     from lit_keomni.text.tokenizer import TextTokenizer
@@ -201,13 +228,15 @@ def prepare(
         by_split["train"] = [u for u in by_split["train"] if u.dialogue_id != last] or by_split["val"]
     (out / STAMP).unlink(missing_ok=True)
     for split, items in by_split.items():
-        # Written in order of duration, in small chunks: litdata shuffles chunk order and items within a chunk, so a
-        # batch drawn from one chunk holds clips of similar length and little padding (bucketing for free).
+        # In small chunks: litdata shuffles chunk order and items within a chunk, so in order of duration a batch
+        # drawn from one chunk holds clips of similar length and little padding (bucketing for free), but of similar
+        # content too (on a templated corpus, one kind of sentence); shuffled, batches mix everything.
         items = sorted(items, key=lambda u: (u.duration, u.id))
-        copies = [(sample_rate, chunks_dir(out, split))]
+        shuffled = items if split != "train" else [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+        copies = [(sample_rate, chunks_dir(out, split), shuffled if order == "shuffled" else items)]
         if fmt == "kespeechchat" and sample_rate != SAMPLE_RATE:
-            copies.append((SAMPLE_RATE, Path(out) / SPEECH_CHUNKS / split))
-        for rate, where in copies:
+            copies.append((SAMPLE_RATE, Path(out) / SPEECH_CHUNKS / split, shuffled))
+        for rate, where, items in copies:
             if workers <= 1:  # in this process: a spawned litdata worker would only add its start-up
                 write_items(map(_ItemFn(rate), items), where, chunk_bytes="8MB")
             else:
@@ -216,10 +245,13 @@ def prepare(
     texts = [u.text for u in by_split["train"] if u.text]
     if not tok_path.is_file() and texts:
         TextTokenizer.train(texts, vocab_size=tokenizer_vocab).save(out)
+    if texts:
+        write_characters(out, texts)
     stamp = {
         "source": str(source),
         "format": fmt,
         "sample_rate": sample_rate,
+        "order": order,
         **({"speech_chunks": {"dir": SPEECH_CHUNKS, "sample_rate": SAMPLE_RATE}}
            if fmt == "kespeechchat" and sample_rate != SAMPLE_RATE else {}),
         "transcribed": {s: sum(bool(u.text) for u in v) for s, v in by_split.items()},

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from litdata import StreamingDataset
 
-from datamodules.streaming import StreamingDataModule, is_remote, speech_chunks_dir
+from datamodules.streaming import StreamingDataModule, chunks_dir, is_remote, speech_chunks_dir, write_characters
 from lit_keomni.audio import SAMPLE_RATE, resample
 
 
@@ -30,6 +30,12 @@ class TokenizerDataModule(StreamingDataModule):
     from its 16 kHz copy (``streaming.SPEECH_CHUNKS``)."""
 
     transform = staticmethod(asr_example)
+
+    def build_missing(self) -> None:
+        super().build_missing()
+        for root in [c["path"] for c in self.mixture_sources] or [self.data_dir]:
+            if not is_remote(root) and (chunks_dir(root, "train") / "index.json").is_file():
+                write_characters(root)  # corpora prepared before characters/ existed
 
     def dataset(self, split: str, root: str | None = None) -> StreamingDataset:
         root = root or self.chunks_root()
