@@ -105,3 +105,29 @@ def test_padding_does_not_change_valid_outputs():
 def test_block_must_align_with_pooling():
     with pytest.raises(ValueError, match="multiple of pool"):
         tiny(block_seconds=0.1, pool=4)  # 5 frames
+
+
+def test_cached_greedy_decoding_equals_recomputing_the_prefix():
+    """The decoder's key/value cache gives each step the logits of the whole prefix's last row, so greedy decoding
+    picks the same tokens as re-running the decoder on the prefix every step."""
+    torch.manual_seed(0)
+    cfg = SpeechTokenizerConfig.from_name("tiny", d_model=64, n_head=4, ffn_dim=128, encoder_layers=2, vq_position=1,
+                                          decoder_layers=2, vocab_size=40, vq=False)
+    model = SpeechTokenizerModel(cfg).double().eval()  # float64: the comparison is exact up to rounding
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # larger weights than the init, so that argmax choices vary
+            p.mul_(8)
+        memory, lengths = torch.randn(3, 9, 64, dtype=torch.float64), torch.tensor([9, 5, 7])
+        prefix = [1, 7]
+        tokens = torch.tensor(prefix).repeat(3, 1)
+        caches = model.decoder.start(memory)
+        model.decoder.step(tokens[:, :1], 0, caches, lengths, 9)
+        for pos in range(1, 12):
+            full = model.decoder(tokens, memory, lengths)[:, -1]
+            step = model.decoder.step(tokens[:, -1:], pos, caches, lengths, 9)
+            torch.testing.assert_close(step, full, atol=1e-9, rtol=1e-9)
+            tokens = torch.cat([tokens, full.argmax(-1, keepdim=True)], dim=1)
+        decoded = model.greedy_decode(memory, lengths, prefix, eos_id=0, max_tokens=11)
+    expected = [row[len(prefix):] for row in tokens.tolist()]
+    expected = [r[: r.index(0)] if 0 in r else r for r in expected]
+    assert decoded == expected and len({tuple(r) for r in decoded}) > 1

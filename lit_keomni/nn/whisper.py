@@ -61,14 +61,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``x`` as (B, heads, T, head_dim) each."""
+        B, T, _ = x.shape
+        return (self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2),
+                self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, causal: bool = False,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Self-attention (``context`` None) or cross-attention; ``kv`` gives the keys and values ready-made (a decoding
+        cache: then ``causal`` is not applied, the cache holds only what the queries may see)."""
         B, T, D = x.shape
-        kv = x if context is None else context
         q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
-        k = self.k_proj(kv).view(B, kv.shape[1], self.n_head, -1).transpose(1, 2)
-        v = self.v_proj(kv).view(B, kv.shape[1], self.n_head, -1).transpose(1, 2)
+        k, v = kv if kv is not None else self.heads(x if context is None else context)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
+        causal = causal and mask is None and kv is None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -103,6 +111,18 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), causal=True))
         x = x + self.dropout(self.encoder_attn(self.encoder_attn_layer_norm(x), context=memory, mask=memory_mask))
         return x + self.dropout(self.fc2(F.gelu(self.fc1(self.final_layer_norm(x)))))
+
+    def step(self, x: Tensor, cache: dict[str, Tensor], memory_mask: Tensor) -> Tensor:
+        """One new position ``x`` (B, 1, D) given ``cache``: the self-attention keys/values so far (extended here) and
+        the cross-attention keys/values of the memory."""
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.heads(h)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        x = x + self.self_attn(h, kv=(k, v))
+        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), mask=memory_mask, kv=(cache["mk"], cache["mv"]))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
 class _Table(nn.Module):
@@ -262,6 +282,26 @@ class ASRDecoder(nn.Module):
             x = layer(x, memory, memory_mask)
         return self.layer_norm(x) @ self.embed_tokens.weight.T
 
+    def start(self, memory: Tensor) -> list[dict[str, Tensor]]:
+        """An empty decoding cache per layer, holding the cross-attention keys/values of ``memory``."""
+        caches = []
+        for layer in self.layers:
+            mk, mv = layer.encoder_attn.heads(memory)
+            caches.append({"mk": mk, "mv": mv})
+        return caches
+
+    def step(self, tokens: Tensor, position: int, caches: list[dict[str, Tensor]], memory_lengths: Tensor,
+             memory_len: int) -> Tensor:
+        """Logits (B, V) of the position after ``tokens`` (B, 1) at ``position``, extending ``caches``; equals the
+        last row of ``forward`` on the whole prefix."""
+        if position >= self.embed_positions.num_embeddings:
+            raise ValueError(f"transcript of {position + 1} tokens exceeds max_target_positions={self.embed_positions.num_embeddings}")
+        x = self.embed_tokens(tokens) + self.embed_positions.weight[position: position + 1]
+        memory_mask = lengths_to_mask(memory_lengths, memory_len)[:, None, None, :]
+        for layer, cache in zip(self.layers, caches):
+            x = layer.step(x, cache, memory_mask)
+        return (self.layer_norm(x) @ self.embed_tokens.weight.T)[:, -1]
+
 
 class SpeechTokenizerModel(nn.Module):
     """Encoder (+ pooling, VQ) and ASR decoder + CTC head: the stage-1 network, free of any training code."""
@@ -310,8 +350,12 @@ class SpeechTokenizerModel(nn.Module):
         tokens = torch.tensor(prefix, device=memory.device).repeat(B, 1)
         done = torch.zeros(B, dtype=torch.bool, device=memory.device)
         limit = min(max_tokens, self.config.max_target_positions - len(prefix))
+        caches = self.decoder.start(memory)
+        for pos in range(len(prefix) - 1):  # the prefix but its last token enters the cache
+            self.decoder.step(tokens[:, pos: pos + 1], pos, caches, memory_lengths, memory.shape[1])
         for _ in range(limit):
-            nxt = self.decoder(tokens, memory, memory_lengths)[:, -1].argmax(-1)
+            pos = tokens.shape[1] - 1
+            nxt = self.decoder.step(tokens[:, -1:], pos, caches, memory_lengths, memory.shape[1]).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done |= nxt == eos_id
