@@ -36,34 +36,6 @@ VAL_SEED = 0
 ASR_RATE = 16_000
 
 
-def equal_length_crop(flow: FlowDecoder, codes: Tensor, codes_lengths: Tensor, mel: Tensor, mel_lengths: Tensor,
-                      seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Cut every row of a batch to its shortest row's token count (a random window of each, drawn from ``seed``),
-    with the matching mel frames; a batch of equal lengths comes back as it is.
-
-    ``FlowDecoder.loss`` (as the reference) stretches each row's encoder states over the whole *padded* token axis
-    to the batch's longest mel, so a shorter row's ``mu`` would be time-stretched against its own mel (with random
-    batches of 11-87-token utterances, typically by 2.5×) and the flow could not learn which token makes which
-    frames. CosyVoice hides this by batching utterances of similar length; equal rows remove it.
-    """
-    lengths = codes_lengths.tolist()
-    n = min(lengths)
-    if n == max(lengths):
-        return codes, codes_lengths, mel, mel_lengths
-    g = torch.Generator().manual_seed(seed + 1)
-    f = int(flow.mel_frames(torch.tensor([n]))[0])
-    rows_c, rows_m = [], []
-    for i, (t, fi) in enumerate(zip(lengths, mel_lengths.tolist())):
-        start = int(torch.randint(0, t - n + 1, (1,), generator=g)) if t > n else 0
-        f0 = min(int(flow.mel_frames(torch.tensor([start]))[0]), max(0, fi - f))
-        rows_c.append(codes[i, start: start + n])
-        rows_m.append(mel[i, f0: f0 + f])
-    out_m = torch.stack(rows_m)
-    B = codes.shape[0]
-    return (torch.stack(rows_c), torch.full((B,), n, dtype=codes_lengths.dtype, device=codes_lengths.device), out_m,
-            torch.full((B,), out_m.shape[1], dtype=mel_lengths.dtype, device=mel_lengths.device))
-
-
 class FlowModel(nn.Module):
     """The ``FlowDecoder`` behind one ``forward(method, ...)``, so that a sharded model's root hooks run for its loss
     and its sampling alike."""
@@ -220,14 +192,12 @@ class SpeechFlowDecoder(Stage):
         return (self.noise_seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % 2**63
 
     def _loss(self, batch: dict[str, Any], seed: int) -> dict[str, Tensor]:
-        codes, codes_lengths, mel, mel_lengths = equal_length_crop(
-            self.flow, batch["codes"], batch["codes_lengths"], batch["mel"], batch["mel_lengths"], seed)
-        mel = mel.transpose(1, 2)  # (B, F, n_mels) -> (B, n_mels, F)
+        mel = batch["mel"].transpose(1, 2)  # (B, F, n_mels) -> (B, n_mels, F)
         g = torch.Generator(device=mel.device).manual_seed(seed)
         devices = [mel.device] if mel.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # dropout
-            return self.model("loss", codes, codes_lengths, mel, mel_lengths, generator=g)
+            return self.model("loss", batch["codes"], batch["codes_lengths"], mel, batch["mel_lengths"], generator=g)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self._loss(batch, self._seed())
