@@ -7,6 +7,7 @@ with ``--sample-rate``) are resampled here, clip by clip.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from litdata import StreamingDataset
 
 from datamodules.streaming import StreamingDataModule, chunks_dir, is_remote, speech_chunks_dir, write_characters
 from lit_keomni.audio import SAMPLE_RATE, resample
+
+log = logging.getLogger(__name__)
 
 
 def asr_example(item: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +38,10 @@ class TokenizerDataModule(StreamingDataModule):
         super().build_missing()
         for root in [c["path"] for c in self.mixture_sources] or [self.data_dir]:
             if not is_remote(root) and (chunks_dir(root, "train") / "index.json").is_file():
-                write_characters(root)  # corpora prepared before characters/ existed
+                try:
+                    write_characters(root)  # corpora prepared before characters/ existed
+                except OSError as e:  # a read-only corpus: only a recipe naming characters/ needs it, and says so
+                    log.warning("%s: cannot write the character tokenizer (%s)", root, e)
 
     def dataset(self, split: str, root: str | None = None) -> StreamingDataset:
         root = root or self.chunks_root()
