@@ -5,7 +5,8 @@
 
 Builds tiny random-weight exports of every piece (``tests.exports.tiny_exports``: stage-1 tokenizer with 16 codes,
 KE-Omni and GLM LMs of 2 layers x 64 that never pick a stop token, so answers run to their limits, duration predictor
-fixed at 2 unit frames per token, unit generator, a small unit HiFi-GAN) in a temporary folder, loads them as ``chat`` does and answers one synthetic speech-like question of
+fixed at 2 unit frames per token, unit generator, a small unit HiFi-GAN; for "GLM + flow" a tiny flow decoder
+with a tiny HiFT, ``--ode-steps`` per block: ``tests.exports.tiny_decoder``) in a temporary folder, loads them as ``chat`` does and answers one synthetic speech-like question of
 ``--seconds`` s (the tokenizer benchmark's signal), ``--repeats`` times after one warm-up, greedily. Random weights
 decide the answers' content, not the work per token, so the timings are those of the code path at this size.
 
@@ -35,7 +36,7 @@ from common import machine_line
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the tests' tiny exports
 
 from lit_keomni.chat import GlmChat, KeOmniChat  # noqa: E402
-from tests.exports import tiny_exports  # noqa: E402
+from tests.exports import tiny_decoder, tiny_exports, tiny_mel_vocoder  # noqa: E402
 from tokenizer import speech_like  # noqa: E402
 
 GOAL_MS = 200.0
@@ -74,6 +75,7 @@ def main() -> None:
     p.add_argument("--text-chunk", type=int, default=8, help="KE-Omni: text tokens per speech-decoder call")
     p.add_argument("--block", type=int, default=PAPER_BLOCK, help="GLM: speech tokens per vocoder block")
     p.add_argument("--lookahead", type=int, default=2, help="units after a block before it is vocoded")
+    p.add_argument("--ode-steps", type=int, default=10, help="GLM with the flow decoder: ODE steps per block")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: one request's small matrices gain little from more, and on a busy "
                         "machine OpenMP hand-offs between threads cost more than the work)")
@@ -91,6 +93,11 @@ def main() -> None:
                                lookahead=a.lookahead)
             rows[f"GLM {template}"] = (glm, measure(glm, wav, a.repeats, max_new_tokens=a.max_new_tokens,
                                                     max_speech_seconds=a.max_speech_seconds))
+        decoder = tiny_decoder(Path(tmp) / "decoder", paths["stage1"], tiny_mel_vocoder(Path(tmp) / "hift"))
+        flow = GlmChat.load(paths["glm"], None, template="text_guided", block=a.block, lookahead=a.lookahead,
+                            decoder=decoder, ode_steps=a.ode_steps)
+        rows["GLM + flow"] = (flow, measure(flow, wav, a.repeats, max_new_tokens=a.max_new_tokens,
+                                             max_speech_seconds=a.max_speech_seconds))
 
     print(machine_line(torch.device("cpu")))
     print(f"tiny random exports: KE-Omni {params(keomni.model):.2f} M (encoder+adapter+LLM), duration "
@@ -102,7 +109,7 @@ def main() -> None:
           f"tokens, "
           f"lookahead {a.lookahead} units; median of {a.repeats} requests after 1 warm-up")
     print()
-    comps = ["encoder+adapter", "tokenizer", "llm", "duration", "unit_generator", "vocoder"]
+    comps = ["encoder+adapter", "tokenizer", "llm", "duration", "unit_generator", "flow", "vocoder"]
     head = (f"{'pipeline':<17}{'first audio ms':>15}" + "".join(f"{c:>16}" for c in comps)
             + f"{'goal ms':>9}{'ours/goal':>10}")
     print("time to first audio, and the compute before it per component (ms):")

@@ -94,3 +94,39 @@ def tiny_vocoder(out: str | Path, stage1: str | Path, *, speaker: str = "agentFe
                                "sample_rate": vc.sample_rate, "hop": vocoder.hop, "speaker": speaker,
                                "units_fingerprint": units["fingerprint"], "units_kind": units["kind"],
                                "units_from": str(Path(stage1).resolve())})
+
+
+FLOW_TINY = dict(encoder_dim=32, encoder_heads=2, encoder_ffn_dim=64, estimator_channels=(16, 16),
+                 estimator_mid_levels=1, estimator_heads=2, estimator_head_dim=8, token_dim=16)
+"""A flow decoder smaller than the "tiny" preset, for tests and the chat benchmark."""
+HIFT_TINY = dict(base_channels=16, f0_channels=16, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),))
+"""A HiFT vocoder smaller than the "tiny" preset."""
+
+
+def tiny_mel_vocoder(out: str | Path) -> Path:
+    """A random-weight tiny "mel_vocoder" export (what stage 7 HiFT writes)."""
+    from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator, MelFrontEnd
+
+    c = HiFTConfig.from_name("tiny", **HIFT_TINY)
+    torch.manual_seed(0)
+    return write_export(out, kind="mel_vocoder", config=config_dict(c), state_dict=HiFTGenerator(c).state_dict(),
+                        extra={"sample_rate": c.sampling_rate, "n_mels": c.in_channels, "hop": c.hop,
+                               "mel": MelFrontEnd.of(c).settings()})
+
+
+def tiny_decoder(out: str | Path, stage1: str | Path, mel_vocoder: str | Path, *,
+                 fingerprint: str | None = None) -> Path:
+    """A random-weight tiny "flow_decoder" export for the speech tokens of ``stage1``, with ``mel_vocoder`` inside."""
+    import json
+
+    from lit_keomni.nn.flow import FlowConfig, FlowDecoder
+    from lit_keomni.token2wav import copy_vocoder, flow_export_meta
+
+    units = unit_meta(stage1)
+    c = FlowConfig.from_name("tiny", vocab_size=units["num_units"], **FLOW_TINY)
+    torch.manual_seed(2)
+    mel = json.loads((Path(mel_vocoder) / "config.json").read_text())["mel"]
+    meta = flow_export_meta(c, mel, {"units_fingerprint": fingerprint or units["fingerprint"],
+                                     "units_from": str(stage1), "units_kind": units["kind"]})
+    return write_export(out, kind="flow_decoder", config=config_dict(c), state_dict=FlowDecoder(c).state_dict(),
+                        extra=meta, files={"mel_vocoder": copy_vocoder(Path(mel_vocoder))})

@@ -12,26 +12,22 @@ import pytest
 import torch
 
 from datamodules.flow_decoder import FlowDecoderDataModule, token_frames
-from lit_keomni.checkpoints import Export, export_fingerprint, load_flow_decoder, unit_meta, write_export
+from lit_keomni.checkpoints import Export, export_fingerprint, load_flow_decoder, unit_meta
 from lit_keomni.cli import main as cli
-from lit_keomni.configs import config_dict
 from lit_keomni.nn.flow import FlowConfig, FlowDecoder
-from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator, MelFrontEnd, from_released, hift_state_to_released
+from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator, from_released, hift_state_to_released
 from lit_keomni.stages.flow_decoder import SpeechFlowDecoder
 from lit_keomni.token2wav import (
     SpeechStream,
     Token2Wav,
-    flow_export_meta,
     load_token2wav,
     stream_difference,
 )
+from tests.exports import FLOW_TINY, HIFT_TINY, tiny_decoder, tiny_mel_vocoder
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_FLOW = ROOT / "tests" / "golden" / "glm4voice_flow"
 GOLDEN_HIFT = ROOT / "tests" / "golden" / "glm4voice_hift.json"
-FLOW_TINY = dict(encoder_dim=32, encoder_heads=2, encoder_ffn_dim=64, estimator_channels=(16, 16),
-                 estimator_mid_levels=1, estimator_heads=2, estimator_head_dim=8, token_dim=16)
-HIFT_TINY = dict(base_channels=16, f0_channels=16, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,12 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def mel_vocoder(tmp_path_factory) -> Path:
     """A random-weight tiny "mel_vocoder" export (what stage 7 HiFT writes)."""
-    c = HiFTConfig.from_name("tiny", **HIFT_TINY)
-    torch.manual_seed(0)
-    return write_export(tmp_path_factory.mktemp("hift") / "export", kind="mel_vocoder", config=config_dict(c),
-                        state_dict=HiFTGenerator(c).state_dict(),
-                        extra={"sample_rate": c.sampling_rate, "n_mels": c.in_channels, "hop": c.hop,
-                               "mel": MelFrontEnd.of(c).settings()})
+    return tiny_mel_vocoder(tmp_path_factory.mktemp("hift") / "export")
 
 
 def datamodule(prepared, stage1_export, speech_tokens, out: Path) -> FlowDecoderDataModule:
@@ -241,17 +232,7 @@ def test_import_released_decoder(tmp_path, capsys):
 
 
 def decoder_export(out: Path, stage1: Path, mel_vocoder: Path, *, fingerprint: str | None = None) -> Path:
-    """A random-weight tiny "flow_decoder" export for the speech tokens of ``stage1``, with ``mel_vocoder`` inside."""
-    from lit_keomni.token2wav import copy_vocoder
-
-    units = unit_meta(stage1)
-    c = FlowConfig.from_name("tiny", vocab_size=units["num_units"], **FLOW_TINY)
-    torch.manual_seed(2)
-    mel = json.loads((mel_vocoder / "config.json").read_text())["mel"]
-    meta = flow_export_meta(c, mel, {"units_fingerprint": fingerprint or units["fingerprint"],
-                                     "units_from": str(stage1), "units_kind": units["kind"]})
-    return write_export(out, kind="flow_decoder", config=config_dict(c), state_dict=FlowDecoder(c).state_dict(),
-                        extra=meta, files={"mel_vocoder": copy_vocoder(mel_vocoder)})
+    return tiny_decoder(out, stage1, mel_vocoder, fingerprint=fingerprint)
 
 
 def test_chat_speaks_through_the_flow_decoder(tmp_path, mel_vocoder, capsys):
