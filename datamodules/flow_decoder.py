@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ import torch
 from litdata import StreamingDataset
 
 from datamodules.streaming import SPLITS, StreamingDataModule, chunks_dir, pad_collate, write_items
+from datamodules.vocoder import crop_start, ensure_units, stamp_is
 from lit_keomni.atomic import write_json
 from lit_keomni.audio import resample
 from lit_keomni.checkpoints import unit_meta
 from lit_keomni.speech_tokens import STAMP as TOKENS_STAMP
-from lit_keomni.speech_tokens import tokenize, tokens_are_current
 
 STAMP = "flow_decoder.json"
 LOG_FLOOR = math.log(1e-5)
@@ -120,8 +119,7 @@ class TokenCrops(StreamingDataset):
             return item
         n = min(self.crop_tokens, len(item["codes"]))
         spare = len(item["codes"]) - n
-        rng = np.random.default_rng([self.crop_seed, int(self.current_epoch), zlib.crc32(item["id"].encode())])
-        return _example(item, int(rng.integers(0, spare + 1)) if spare > 0 else 0, n, self.frames)
+        return _example(item, crop_start(self.crop_seed, self.current_epoch, item["id"], spare), n, self.frames)
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,16 +192,9 @@ class FlowDecoderDataModule(StreamingDataModule):
 
     def build_missing(self) -> None:
         super().build_missing()
-        m = self.units
-        if m["kind"] == "speech_tokenizer":
-            if not tokens_are_current(self.tokens_dir, self.units_from):
-                tokenize(self.units_from, self.data_dir, self.tokens_dir, workers=self.tokenize_workers)
-        elif not (Path(self.tokens_dir) / TOKENS_STAMP).is_file():
-            raise FileNotFoundError(f"{Path(self.tokens_dir) / TOKENS_STAMP}: missing; write the units of "
-                                    f"{self.data_dir} with `python -m lit_keomni units apply` for {self.units_from}")
-        root = Path(self.chunks_root())
-        stamp = self._stamp()
-        if (root / STAMP).is_file() and json.loads((root / STAMP).read_text()) == stamp:
+        ensure_units(self)
+        m, root, stamp = self.units, Path(self.chunks_root()), self._stamp()
+        if stamp_is(root / STAMP, stamp):
             return
         (root / STAMP).unlink(missing_ok=True)
         mel = self.mel()

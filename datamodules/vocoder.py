@@ -72,6 +72,22 @@ def _example(item: dict[str, Any], start: int, n_units: int, hop: int) -> dict[s
     return {"id": item["id"], "units": units, "audio": audio}
 
 
+def ensure_units(dm: Any) -> None:
+    """Make the units a vocoder DataModule pairs with audio (``dm.units`` of ``dm.units_from`` in ``dm.tokens_dir``):
+    tokenized with a stage-1 export when missing or from another export; a HuBERT k-means's units must have been
+    written (``units apply``)."""
+    if dm.units["kind"] == "speech_tokenizer":
+        if not tokens_are_current(dm.tokens_dir, dm.units_from):
+            tokenize(dm.units_from, dm.data_dir, dm.tokens_dir, workers=dm.tokenize_workers)
+    elif not (Path(dm.tokens_dir) / TOKENS_STAMP).is_file():
+        raise FileNotFoundError(f"{Path(dm.tokens_dir) / TOKENS_STAMP}: missing; write the units of {dm.data_dir} "
+                                f"with `python -m lit_keomni units apply` for {dm.units_from}")
+
+
+def stamp_is(path: Path, stamp: dict[str, Any]) -> bool:
+    """Whether the JSON stamp at ``path`` exists and equals ``stamp`` (built pairs that are still current)."""
+    return path.is_file() and json.loads(path.read_text()) == stamp
+
 class ValExample:
     """Picklable transform: a whole utterance, cut to its first ``max_units`` units."""
 
@@ -80,6 +96,14 @@ class ValExample:
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         return _example(item, 0, min(self.max_units, len(item["units"])), self.hop)
+
+
+def crop_start(seed: int, epoch: int, item_id: str, spare: int) -> int:
+    """Offset of a random training crop with ``spare`` positions to choose from: a function of (seed, epoch, item id),
+    so a resumed run crops as the uninterrupted one."""
+    if spare <= 0:
+        return 0
+    return int(np.random.default_rng([seed, int(epoch), zlib.crc32(item_id.encode())]).integers(0, spare + 1))
 
 
 class SegmentDataset(StreamingDataset):
@@ -94,8 +118,7 @@ class SegmentDataset(StreamingDataset):
         if not isinstance(item, dict):
             return item
         spare = len(item["units"]) - self.segment_units
-        rng = np.random.default_rng([self.crop_seed, int(self.current_epoch), zlib.crc32(item["id"].encode())])
-        start = int(rng.integers(0, spare + 1)) if spare > 0 else 0
+        start = crop_start(self.crop_seed, self.current_epoch, item["id"], spare)
         return _example(item, start, self.segment_units, self.hop)
 
 
@@ -146,16 +169,9 @@ class VocoderDataModule(StreamingDataModule):
 
     def build_missing(self) -> None:
         super().build_missing()
-        m = self.units
-        if m["kind"] == "speech_tokenizer":
-            if not tokens_are_current(self.tokens_dir, self.units_from):
-                tokenize(self.units_from, self.data_dir, self.tokens_dir, workers=self.tokenize_workers)
-        elif not (Path(self.tokens_dir) / TOKENS_STAMP).is_file():
-            raise FileNotFoundError(f"{Path(self.tokens_dir) / TOKENS_STAMP}: missing; write the units of {self.data_dir} "
-                                    f"with `python -m lit_keomni units apply` for {self.units_from}")
-        root = Path(self.chunks_root())
-        stamp = self._stamp()
-        if (root / STAMP).is_file() and json.loads((root / STAMP).read_text()) == stamp:
+        ensure_units(self)
+        m, root, stamp = self.units, Path(self.chunks_root()), self._stamp()
+        if stamp_is(root / STAMP, stamp):
             return
         speakers = agent_speakers(self.tokens_dir)
         if self.speaker not in speakers:

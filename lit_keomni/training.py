@@ -231,6 +231,14 @@ class Stage(L.LightningModule):
             exp.add_text(tag, text, self.global_step)
 
 
+def add_mel_l1(sums: list[float], mel_fake: Tensor, mel_real: Tensor, frames: Tensor) -> None:
+    """Add a validation batch's masked log-mel L1 to ``sums`` = (L1 total, valid frames x bins): frames past each
+    utterance's ``frames`` are padding."""
+    valid = (torch.arange(mel_real.shape[-1], device=mel_real.device)[None, :] < frames[:, None])[:, None, :]
+    sums[0] += float(((mel_fake - mel_real).abs() * valid).sum())
+    sums[1] += float(valid.sum() * mel_real.shape[1])
+
+
 def log_val_mel_l1(module: L.LightningModule, sums: list[float]) -> float:
     """Log ``val/mel_l1`` of a vocoder stage: ``sums`` = (L1 total, valid frames x bins) of this rank's validation,
     summed over ranks; the sanity check's value is kept as ``module.init_mel_l1`` and logged as ``val/mel_l1_start``

@@ -36,7 +36,7 @@ from lit_keomni.nn.hift import (
     f0_track,
     tpr_loss,
 )
-from lit_keomni.training import Stage, log_audio_samples, log_val_mel_l1
+from lit_keomni.training import Stage, add_mel_l1, log_audio_samples, log_val_mel_l1
 
 EXPORT_KIND = "mel_vocoder"
 VAL_SEED = 0
@@ -187,19 +187,13 @@ class MelVocoder(Stage):
         fake, _ = self.generator(self.mel_in(wav), generator=g)
         mel_fake, mel_real = self.mel_loss(fake), self.mel_loss(wav)
         frames = lengths.to(wav.device) // self.hift_config.hop
-        valid = (torch.arange(mel_real.shape[-1], device=wav.device)[None, :] < frames[:, None])[:, None, :]
-        self._val[0] += float(((mel_fake - mel_real).abs() * valid).sum())
-        self._val[1] += float(valid.sum() * mel_real.shape[1])
+        add_mel_l1(self._val, mel_fake, mel_real, frames)
         if batch_idx == 0:
-            self._log_samples(batch["id"], wav, fake, mel_real, mel_fake, lengths, frames)
+            log_audio_samples(self, batch["id"], wav, fake, mel_real, mel_fake, lengths, frames,
+                              self.hift_config.sampling_rate, self.hparams.val_log_samples)
 
     def on_validation_epoch_end(self) -> None:
         log_val_mel_l1(self, self._val)
-
-    def _log_samples(self, ids: list[str], wav: Tensor, fake: Tensor, mel_real: Tensor, mel_fake: Tensor,
-                     lengths: Tensor, frames: Tensor) -> None:
-        log_audio_samples(self, ids, wav, fake, mel_real, mel_fake, lengths, frames, self.hift_config.sampling_rate,
-                          self.hparams.val_log_samples)
 
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:

@@ -35,7 +35,7 @@ from lit_keomni.nn.hifigan import (
     feature_loss,
     generator_loss,
 )
-from lit_keomni.training import Stage, log_audio_samples, log_val_mel_l1
+from lit_keomni.training import Stage, add_mel_l1, log_audio_samples, log_val_mel_l1
 
 EXPORT_KIND = "vocoder"
 
@@ -180,21 +180,13 @@ class Vocoder(Stage):
         fake = self.generator(units)
         mel_fake, mel_real = self.mel(fake), self.mel(wav)
         frames = lengths // self.mel.hop_length
-        valid = (torch.arange(mel_real.shape[-1], device=wav.device)[None, :] < frames[:, None])[:, None, :]
-        diff = (mel_fake - mel_real).abs() * valid
-        total, count = diff.sum(), valid.sum() * mel_real.shape[1]
-        self._val[0] += float(total)
-        self._val[1] += float(count)
+        add_mel_l1(self._val, mel_fake, mel_real, frames)
         if batch_idx == 0:
-            self._log_samples(batch["id"], wav, fake, mel_real, mel_fake, lengths, frames)
+            log_audio_samples(self, batch["id"], wav, fake, mel_real, mel_fake, lengths, frames,
+                              self.vocoder_config.sample_rate, self.hparams.val_log_samples)
 
     def on_validation_epoch_end(self) -> None:
         log_val_mel_l1(self, self._val)
-
-    def _log_samples(self, ids: list[str], wav: Tensor, fake: Tensor, mel_real: Tensor, mel_fake: Tensor,
-                     lengths: Tensor, frames: Tensor) -> None:
-        log_audio_samples(self, ids, wav, fake, mel_real, mel_fake, lengths, frames, self.vocoder_config.sample_rate,
-                          self.hparams.val_log_samples)
 
     # ------------------------------------------------------------------ handoff
     def export(self, out_dir: str | Path) -> Path:
