@@ -196,7 +196,7 @@ class KeOmniCLI(LightningCLI):
 
 def prepare_command(argv: list[str]) -> None:
     from datamodules.sources import FORMATS, SourceOptions
-    from datamodules.streaming import prepare
+    from datamodules.streaming import ORDERS, prepare
 
     p = argparse.ArgumentParser(prog="python -m lit_keomni prepare",
                                 description="Validate a corpus (or build the built-in one) and write the litdata chunks every stage reads.")
@@ -221,9 +221,9 @@ def prepare_command(argv: list[str]) -> None:
                    help="BPE vocabulary trained on the transcripts (small: every Chinese character plus a few hundred "
                         "English pieces, which a tiny ASR model learns from little data)")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
-    p.add_argument("--order", choices=("duration", "shuffled"), default="duration",
-                   help="order of the training chunks: duration (similar lengths per batch, little padding) or "
-                        "shuffled (mixed batches; slower steps, faster learning on uniform corpora)")
+    p.add_argument("--order", choices=ORDERS, default="bucketed",
+                   help="order of the training chunks: bucketed (similar lengths, mixed content per batch), duration "
+                        "(similar lengths and content) or shuffled (mixed batches, much padding)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip invalid items, writing each with its reason to OUT/rejected.jsonl, instead of stopping")
     a = p.parse_args(argv)

@@ -139,6 +139,9 @@ def test_loss_on_a_known_path():
             count += C
     assert math.isclose(out["loss"].item(), total / count, rel_tol=1e-5)
     assert seen["mask"][1, 0, 9:].sum() == 0 and seen["mask"][1, 0, :9].all()
+    # the encoder loss (Grad-TTS's prior): mu against the mel over real frames and bins
+    prior = sum(float(((mu[b, :, :f] - x1[b, :, :f]) ** 2).sum()) for b, f in enumerate(mel_lengths.tolist()))
+    assert math.isclose(out["prior"].item(), prior / count, rel_tol=1e-5)
 
 
 def test_loss_draws_from_the_generator_and_trains():

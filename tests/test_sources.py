@@ -590,3 +590,38 @@ def test_dialogue_corpus_gets_a_16k_copy_that_stage1_reads(prepared):
     data = TokenizerDataModule(data_dir=str(prepared), batch_size=2, num_workers=0)
     data.setup()
     assert Path(data.datasets["train"].input_dir.path) == prepared / SPEECH_CHUNKS / "train"
+
+
+def test_bucketed_order_gives_chunks_of_similar_length_and_mixed_content(prepared, tmp_path, monkeypatch):
+    """Stage 1's copy is written in bucketed order: every chunk is a run of similar durations drawn from a random window
+    of the corpus (whole chunks, also when two workers write them), so a batch pads little yet mixes sentences."""
+    import datamodules.streaming as st
+
+    rng = np.random.default_rng(0)
+    durations = rng.gamma(4.0, 0.6, size=1000)
+    chunks = st.bucketed(list(range(1000)), seed=1, duration=lambda i: durations[i], chunk_items=32, buckets=8)
+    assert sorted(i for c in chunks for i in c) == list(range(1000)) and {len(c) for c in chunks[:-1]} == {32}
+
+    def padding(batches):  # padded audio over real audio
+        return np.mean([durations[b].max() * len(b) / durations[b].sum() for b in batches])
+
+    shuffled = rng.permutation(1000)
+    assert padding(chunks) < 1.2 < 1.8 < padding([shuffled[i:i + 32] for i in range(0, 1000, 32)])
+    by_length = np.argsort(durations)
+    rank = np.empty(1000, int)
+    rank[by_length] = np.arange(1000)
+    assert np.mean([np.ptp(rank[c]) for c in chunks]) > 3 * 32  # not neighbours in length order: drawn at random
+
+    monkeypatch.setattr(st, "BUCKET_ITEMS", 4)
+    monkeypatch.setattr(st, "BUCKETS", 3)
+    out = tmp_path / "bucketed"
+    st.prepare(out, prepared / "corpus", workers=2, seed=7, val_fraction=0.2, progress=False)
+    for where in (out / "chunks" / "train", out / st.SPEECH_CHUNKS / "train"):
+        sizes = [c["chunk_size"] for c in json.loads((where / "index.json").read_text())["chunks"]]
+        ds = StreamingDataset(str(where))
+        lengths = [len(ds[i]["audio"]) for i in range(len(ds))]
+        starts = np.cumsum([0] + sizes)
+        assert sorted(sizes)[1:] == [4] * (len(sizes) - 1)  # one short chunk at most (the corpus's remainder)
+        for a, b in zip(starts[:-1], starts[1:]):
+            assert lengths[a:b] == sorted(lengths[a:b])  # one chunk = one group, in order of length
+    assert len(ds) == len(_items(prepared, "train"))

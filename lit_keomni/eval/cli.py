@@ -10,6 +10,7 @@ TASKS = {
     "asr": ("lit_keomni.eval.asr", "CER (Mandarin) / WER (English) of a stage-1 export on prepared audio, or of a JSONL of pairs"),
     "storycloze": ("lit_keomni.eval.storycloze", "S, T→S, S→T story continuation by length-normalised likelihood"),
     "spoken-qa": ("lit_keomni.eval.spoken_qa", "spoken question answering (S, S→T) with 'the answer is' prompting"),
+    "resynth": ("lit_keomni.eval.resynth", "CER/WER (and UTMOS) of held-out speech resynthesised by a decoder, beside the original"),
     "utmos": ("lit_keomni.eval.utmos", "UTMOS of generated audio with local utmos-pytorch weights"),
     "judge": ("lit_keomni.eval.judge", "S2TIF content/style 1-5 scores from an OpenAI-compatible endpoint"),
 }

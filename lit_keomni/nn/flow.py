@@ -510,7 +510,9 @@ class FlowDecoder(nn.Module):
 
         Random draws come from ``generator`` unless given: ``t`` (B,) flow times (after the scheduler), ``noise``
         x0 (B, n_mels, F), ``prompt_frames`` (B,) mel frames kept as the prompt condition, ``keep`` (B,) bool, False
-        where all conditions are dropped. Returns "loss" (MSE per real frame and bin), "t", "prompt_frames", "keep".
+        where all conditions are dropped. Returns "loss" (MSE per real frame and bin), "prior" (MSE of the encoder's
+        ``mu`` against the mel, Grad-TTS / Matcha-TTS's encoder loss; not part of "loss", GLM-4-Voice trains without
+        it), "t", "prompt_frames", "keep".
         """
         c = self.config
         if mel.dim() != 3 or mel.shape[1] != c.n_mels:
@@ -549,8 +551,10 @@ class FlowDecoder(nn.Module):
         u = x1 - (1 - c.sigma_min) * noise
         k = keep.to(x1)
         pred = self.estimator(y, mask, mu * k[:, None, None], t, spks * k[:, None], cond * k[:, None, None])
-        loss = ((pred - u) * mask).pow(2).sum() / (mask.sum() * c.n_mels)
-        return {"loss": loss, "t": t, "prompt_frames": prompt_frames, "keep": keep}
+        denom = mask.sum() * c.n_mels
+        loss = ((pred - u) * mask).pow(2).sum() / denom
+        prior = ((mu - x1) * mask).pow(2).sum() / denom
+        return {"loss": loss, "prior": prior, "t": t, "prompt_frames": prompt_frames, "keep": keep}
 
     @torch.no_grad()
     def sample(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,

@@ -7,7 +7,8 @@ log-mel of the same utterance (``nn.flow.FlowDecoder``: block-causal token encod
 flow matching with a U-Net estimator; no speaker embedding, as in the paper). Loss: the flow-matching MSE of
 ``FlowDecoder.loss`` (random flow time, noise, prompt prefix and condition dropout per utterance, drawn from a
 generator seeded by (seed, step, rank), so a resumed run draws what the uninterrupted one would). AdamW with warm-up
-and cosine decay (paper: lr 1e-3). Validation: ``val/loss`` (fixed draws), ``val/mel_l1`` of mels sampled with
+and cosine decay (paper: lr 1e-3); optionally the encoder loss of Grad-TTS (``prior_weight``). Validation: ``val/loss``
+(fixed draws), ``val/prior``, ``val/mel_l1`` of mels sampled with
 ``val_n_timesteps`` ODE steps for ``val_samples`` utterances, mel images; with ``mel_vocoder`` their audio, and with
 ``asr_from`` ``val/resynth_cer`` of the resynthesised audio next to ``val/orig_cer`` of the original.
 Inputs: ``units_from`` and ``datamodules.flow_decoder`` pairs. Output: ``checkpoints/stage7_flow/export`` (kind
@@ -63,6 +64,7 @@ class SpeechFlowDecoder(Stage):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         decay: str = "cosine",
+        prior_weight: float = 0.0,
         val_samples: int = 4,
         val_n_timesteps: int = 10,
         val_cfg_rate: float | None = None,
@@ -84,6 +86,9 @@ class SpeechFlowDecoder(Stage):
             warmup_steps: Linear warm-up steps (CosyVoice: 2,500).
             min_lr_ratio: The cosine decay ends at this fraction of ``lr``.
             decay: "cosine" or "linear" decay after warm-up.
+            prior_weight: Weight of the encoder loss (``mu`` against the target mel, as Grad-TTS and Matcha-TTS train
+                their encoders) added to the flow-matching loss. 0 = GLM-4-Voice / CosyVoice (the paper recipe); on
+                a CPU budget it makes ``mu`` a coarse mel early, which the estimator then only refines.
             val_samples: Validation utterances (per rank) whose mel is sampled: ``val/mel_l1``, images, audio, CER.
             val_n_timesteps: ODE steps of those samples (the reference: 10).
             val_cfg_rate: Guidance weight of those samples; None = the config's ``inference_cfg_rate`` (0.7).
@@ -203,8 +208,10 @@ class SpeechFlowDecoder(Stage):
         out = self._loss(batch, self._seed())
         b = batch["codes"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
+        self.log("train/prior", out["prior"], batch_size=b)
         self.log("train/t", out["t"].mean(), batch_size=b)
-        return out["loss"]
+        w = self.hparams.prior_weight
+        return out["loss"] + w * out["prior"] if w else out["loss"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -216,13 +223,14 @@ class SpeechFlowDecoder(Stage):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"loss": [], "l1": [], "refs": [], "resynth": [], "orig": [], "langs": []}
+        self._val = {"loss": [], "prior": [], "l1": [], "refs": [], "resynth": [], "orig": [], "langs": []}
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self._loss(batch, VAL_SEED + batch_idx)
         b = batch["codes"].shape[0]
         self._val["loss"].append((float(out["loss"]) * b, b))
+        self._val["prior"].append(float(out["prior"]) * b)
         h = self.hparams
         for i in range(b):
             k = len(self._val["l1"])
@@ -252,11 +260,12 @@ class SpeechFlowDecoder(Stage):
         from lit_keomni.eval.asr import error_rate
 
         v = self._val
-        sums = torch.tensor([sum(x for x, _ in v["loss"]), sum(n for _, n in v["loss"]), sum(v["l1"]), len(v["l1"])],
-                            dtype=torch.float64)
+        sums = torch.tensor([sum(x for x, _ in v["loss"]), sum(n for _, n in v["loss"]), sum(v["l1"]), len(v["l1"]),
+                             sum(v["prior"])], dtype=torch.float64)
         if self.trainer.world_size > 1:
             sums = self.all_gather(sums).sum(0)
-        metrics = {"val/loss": float(sums[0] / max(float(sums[1]), 1.0))}
+        metrics = {"val/loss": float(sums[0] / max(float(sums[1]), 1.0)),
+                   "val/prior": float(sums[4] / max(float(sums[1]), 1.0))}
         if float(sums[3]):
             metrics["val/mel_l1"] = float(sums[2] / sums[3])
         if self._asr:
