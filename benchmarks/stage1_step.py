@@ -7,7 +7,7 @@ plain loop that times each phase of one optimiser step: waiting for the loader, 
 forward + losses, backward, gradient clipping + the AdamW step. The same number of steps then runs under
 ``Trainer.fit`` with the recipe's callbacks and logger, so the difference is Lightning's and the callbacks' share.
 Last, one validation batch is timed: its loss and its greedy attention decoding (what ``val_decode_batches`` costs).
-Figures: median milliseconds per step; the load average is printed beside them.
+Figures: median (and mean) milliseconds per step; the load average is printed beside them.
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ def main() -> None:
     for p in phases:
         print(f"  {p:<14} {med[p]:8.1f}  ({med[p] / total:5.1%})")
     print(f"  {'total':<14} {total:8.1f}  -> {statistics.median(audio_s) / (total / 1000):.0f} audio s per s")
+    steps_s = [sum(x) for x in zip(*times.values())]
+    print(f"  mean {1000 * statistics.mean(steps_s):.1f} ms per step over {len(steps_s)} steps, "
+          f"{sum(audio_s) / sum(steps_s):.0f} audio s per s (bucketed batches differ in length: the mean is the cost)")
 
     # one validation batch: loss, then greedy decoding
     module.eval()
@@ -153,7 +156,8 @@ def main() -> None:
         steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1:]
         fit_ms = statistics.median(steps) * 1000
         print(f"\nTrainer.fit with the recipe's callbacks and logger: {fit_ms:.1f} ms per step "
-              f"({fit_ms - total:+.1f} ms beside the plain loop) | {load_line()}")
+              f"({fit_ms - total:+.1f} ms beside the plain loop), mean {1000 * statistics.mean(steps):.1f} | "
+              f"{load_line()}")
 
 
 if __name__ == "__main__":

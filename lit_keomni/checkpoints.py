@@ -471,10 +471,10 @@ def load_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return model.remove_weight_norm().eval(), exp.meta
 
 
-def load_mel_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """A stage-7 HiFT export (kind ``mel_vocoder``) -> (``HiFTGenerator`` in eval mode, weight norm folded in; export
-    metadata: ``sample_rate``, ``n_mels``, ``hop`` and ``mel``, the settings of the mel it reads). The recorded sizes
-    must agree with the generator config."""
+def load_mel_vocoder(path: str | Path, *, fold_weight_norm: bool = True) -> tuple[Any, dict[str, Any]]:
+    """A stage-7 HiFT export (kind ``mel_vocoder``) -> (``HiFTGenerator`` in eval mode, weight norm folded in unless
+    ``fold_weight_norm`` is False; export metadata: ``sample_rate``, ``n_mels``, ``hop`` and ``mel``, the settings of
+    the mel it reads). The recorded sizes must agree with the generator config."""
     from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator
 
     exp = load_export(path, "mel_vocoder")
@@ -485,7 +485,7 @@ def load_mel_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
             raise ValueError(f"{source}: field '{field}' is {exp.meta.get(field)!r}, but the config gives {value!r}")
     model = HiFTGenerator(config)
     load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
-    return model.remove_weight_norm().eval(), exp.meta
+    return (model.remove_weight_norm() if fold_weight_norm else model).eval(), exp.meta
 
 
 def load_flow_decoder(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:

@@ -357,15 +357,17 @@ def align_command(argv: list[str]) -> None:
 
 def release_command(argv: list[str]) -> None:
     from lit_keomni.layouts import LM_FORMATS
-    from lit_keomni.release import release
+    from lit_keomni.release import DECODER_FORMAT, release
 
     p = argparse.ArgumentParser(prog="python -m lit_keomni release",
                                 description="Write an LM export (stage 2, 3 or discrete stage 4) in a released layout "
                                             "(weights, config.json, vocabulary files, the source folder's remote code), "
-                                            "for transformers, vLLM, SGLang or the reference code.")
-    p.add_argument("export", help="LM export folder, e.g. checkpoints/stage4/export")
+                                            "for transformers, vLLM, SGLang or the reference code; a stage-1 export "
+                                            "as the glm-4-voice-tokenizer layout; a flow_decoder export as the "
+                                            "glm-4-voice-decoder layout (config.yaml, flow.pt, hift.pt).")
+    p.add_argument("export", help="export folder, e.g. checkpoints/stage4/export or checkpoints/stage7_flow/export")
     p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
-    p.add_argument("--format", choices=LM_FORMATS, default=None,
+    p.add_argument("--format", choices=LM_FORMATS + (DECODER_FORMAT,), default=None,
                    help="layout to write (default: the one the export's weights came from)")
     a = p.parse_args(argv)
     out = release(a.export, a.out, a.format)

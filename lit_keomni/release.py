@@ -32,6 +32,8 @@ VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")
 CARRIED_FILES = ("generation_config.json", "special_tokens_map.json")
 """Files of the source folder a release carries over unchanged (beside its ``*.py`` remote code)."""
 IMPORT_STAGES = ("pretrain", "sft")
+DECODER_FORMAT = "glm-4-voice-decoder"
+"""The released layout of a flow_decoder export: config.yaml, flow.pt, hift.pt."""
 
 
 def vocabulary_file(folder: str | Path) -> Path | None:
@@ -211,6 +213,33 @@ def release_speech_tokenizer(export: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+def release_glm4voice_decoder(export: str | Path, out: str | Path) -> Path:
+    """A "flow_decoder" export (stage 7 flow trained here, or an imported decoder fine-tuned) and its ``mel_vocoder``
+    -> a glm-4-voice-decoder folder (config.yaml, flow.pt, hift.pt), the layout the reference's ``flow_inference.py``
+    and ``import glm4voice-decoder`` read."""
+    from lit_keomni.checkpoints import load_flow_decoder, load_mel_vocoder
+    from lit_keomni.layouts.glm4voice_decoder import flow_state_to_released, released_config_yaml
+    from lit_keomni.nn.hift import hift_state_to_released
+    from lit_keomni.token2wav import VOCODER_DIR, check_decoder_vocoder
+
+    flow, meta = load_flow_decoder(export)
+    vocoder = Path(export) / VOCODER_DIR
+    if not (vocoder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{vocoder}: missing; a released decoder folder holds the HiFT too: train the flow "
+                                f"with model.mel_vocoder (recipes/stage7_hift.yaml's export), which copies it here")
+    check_decoder_vocoder(export, meta, vocoder, read_export_meta(vocoder, "mel_vocoder"))
+    hift, _ = load_mel_vocoder(vocoder, fold_weight_norm=False)  # written as weight_g / weight_v, as released
+    try:
+        text = released_config_yaml(flow.config, hift.config)
+    except ValueError as e:
+        raise ValueError(f"{Path(export) / CONFIG_FILE}: {e}") from None
+    with staged_dir(out) as tmp:
+        (tmp / "config.yaml").write_text(text, encoding="utf-8")
+        torch.save(flow_state_to_released(flow), tmp / "flow.pt")
+        torch.save(hift_state_to_released(hift), tmp / "hift.pt")
+    return Path(out)
+
+
 def release(export: str | Path, out: str | Path, fmt: str | None = None) -> Path:
     """Write the export ``export`` into ``out`` in a released layout. An LM export: ``fmt`` (one of
     ``LM_FORMATS``), by default the layout its weights came from (the ``weights_source`` it records). A stage-1
@@ -220,13 +249,19 @@ def release(export: str | Path, out: str | Path, fmt: str | None = None) -> Path
     from lit_keomni.text.tokenizer import TextTokenizer
 
     cfg = Path(export) / CONFIG_FILE
-    kind = export_kind(export, expected="expected an LM export (stage 2, 3 or 4, discrete mode) or a stage-1 export")
+    kind = export_kind(export, expected="expected an LM export (stage 2, 3 or 4, discrete mode), a stage-1 export or "
+                                        "a flow_decoder export")
+    if kind == "flow_decoder":
+        if fmt not in (None, DECODER_FORMAT):
+            raise ValueError(f"release: a flow_decoder export goes out as {DECODER_FORMAT!r}, not {fmt!r}")
+        return release_glm4voice_decoder(export, out)
     if kind == "speech_tokenizer":
         if fmt not in (None, SPEECH_TOKENIZER_FORMAT):
             raise ValueError(f"release: a stage-1 export goes out as {SPEECH_TOKENIZER_FORMAT!r}, not {fmt!r}")
         return release_speech_tokenizer(export, out)
     if kind not in LM_EXPORT_KINDS:
-        raise ValueError(f"{cfg}: field 'kind' is {kind!r}, expected one of {LM_EXPORT_KINDS} or 'speech_tokenizer'")
+        raise ValueError(f"{cfg}: field 'kind' is {kind!r}, expected one of {LM_EXPORT_KINDS}, 'speech_tokenizer' or "
+                         f"'flow_decoder'")
     exp = load_export(export, kind)
     source = exp.meta.get("weights_source") or {}
     fmt = fmt or source.get("format")

@@ -242,6 +242,36 @@ def test_import_released_decoder(tmp_path, capsys):
         cli(["import", "glm4voice-decoder", str(bad), "--out", str(tmp_path / "bad_out")])
 
 
+def test_release_writes_the_released_decoder_layout_back(tmp_path, capsys):
+    """import -> release gives the released folder back: config.yaml reads to the same configs, flow.pt and hift.pt
+    hold the released tensors under the released names, and the folder decodes the same audio."""
+    from lit_keomni.layouts.glm4voice_decoder import flow_config_from_released, read_decoder_config
+    from lit_keomni.nn.hift import from_released as hift_from_released
+
+    folder = released_folder(tmp_path)
+    export, back = tmp_path / "decoder", tmp_path / "released"
+    cli(["import", "glm4voice-decoder", str(folder), "--out", str(export)])
+    cli(["release", str(export), "--out", str(back)])
+    assert f"wrote {back}" in capsys.readouterr().out
+    assert sorted(p.name for p in back.iterdir()) == ["config.yaml", "flow.pt", "hift.pt"]
+    theirs, ours = read_decoder_config(folder), read_decoder_config(back)
+    assert flow_config_from_released(ours["flow"]) == flow_config_from_released(theirs["flow"])
+    assert hift_from_released(ours["hift"]) == hift_from_released(theirs["hift"])
+    for name in ("flow.pt", "hift.pt"):
+        a = torch.load(folder / name, map_location="cpu", weights_only=True)
+        b = torch.load(back / name, map_location="cpu", weights_only=True)
+        assert set(a) == set(b), name
+        for k, v in a.items():
+            torch.testing.assert_close(b[k], v, rtol=0, atol=1e-7, msg=f"{name}: {k}")
+    tokens = torch.randint(0, 40, (23,))
+    torch.testing.assert_close(load_token2wav(back, n_timesteps=2).offline(tokens),
+                               load_token2wav(folder, n_timesteps=2).offline(tokens))
+    # a decoder without its HiFT cannot make a released folder: one error naming the missing folder
+    shutil.rmtree(export / "mel_vocoder")
+    with pytest.raises(SystemExit, match=r"mel_vocoder: missing; a released decoder folder holds the HiFT too"):
+        cli(["release", str(export), "--out", str(tmp_path / "no_hift")])
+
+
 def decoder_export(out: Path, stage1: Path, mel_vocoder: Path, *, fingerprint: str | None = None) -> Path:
     return tiny_decoder(out, stage1, mel_vocoder, fingerprint=fingerprint)
 

@@ -357,3 +357,107 @@ def load_released_flow(folder_or_file: str | Path, config: FlowConfig | None = N
 
 __all__ = ["read_decoder_config", "flow_config_from_released", "flow_released_names", "flow_state_from_released",
            "flow_state_to_released", "load_released_flow"]
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+def _yaml_list(values: Any) -> str:
+    return "[" + ", ".join(_yaml_list(v) if isinstance(v, (list, tuple)) else repr(v) for v in values) + "]"
+
+
+def released_config_yaml(flow: FlowConfig, hift: Any) -> str:
+    """config.yaml of a glm-4-voice-decoder folder for ``flow`` and ``hift`` (an ``nn.hift.HiFTConfig``), with every
+    option as the released file has it: what the reference's ``load_hyperpyyaml`` builds its decoder from and
+    ``read_decoder_config`` reads back to the same configs. The reference hard-codes 22,050 Hz and hop 256 for the
+    flow's mel frames: another rate or hop cannot be written."""
+    if (flow.sample_rate, flow.hop_length) != (SAMPLE_RATE, HOP) or hift.sampling_rate != SAMPLE_RATE:
+        raise ValueError(f"the released decoder layout decodes {SAMPLE_RATE} Hz mels of hop {HOP}; this decoder has "
+                         f"sample_rate {flow.sample_rate} / {hift.sampling_rate} and hop_length {flow.hop_length}")
+    if flow.n_mels != hift.in_channels:
+        raise ValueError(f"the flow writes {flow.n_mels}-bin mels but the HiFT reads {hift.in_channels}")
+    n = flow.n_mels
+    return f"""# set random seed, so that you may reproduce your result.
+__set_seed1: !apply:random.seed [1986]
+__set_seed2: !apply:numpy.random.seed [1986]
+__set_seed3: !apply:torch.manual_seed [1986]
+__set_seed4: !apply:torch.cuda.manual_seed_all [1986]
+
+# fixed params
+sample_rate: {SAMPLE_RATE}
+spk_embed_dim: {flow.speaker_dim}
+
+flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec
+    input_size: {flow.token_dim}
+    output_size: {n}
+    spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
+    vocab_size: {flow.vocab_size}
+    input_frame_rate: {flow.frame_rate!r}
+    only_mask_loss: True
+    encoder: !new:cosyvoice.transformer.encoder.BlockConformerEncoder
+        output_size: {flow.encoder_dim}
+        attention_heads: {flow.encoder_heads}
+        linear_units: {flow.encoder_ffn_dim}
+        num_blocks: {flow.encoder_layers}
+        dropout_rate: {flow.encoder_dropout!r}
+        positional_dropout_rate: {flow.positional_dropout!r}
+        attention_dropout_rate: {flow.attention_dropout!r}
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'block_rel_selfattn'
+        block_size: {flow.block_size}
+        input_size: {flow.token_dim}
+        use_cnn_module: False
+        macaron_style: False
+    length_regulator: !new:cosyvoice.flow.length_regulator.InterpolateRegulator
+        channels: {n}
+        sampling_ratios: {_yaml_list([1] * flow.regulator_layers)}
+    decoder: !new:cosyvoice.flow.flow_matching.ConditionalCFM
+        in_channels: {3 * n}
+        n_spks: 1
+        spk_emb_dim: {n}
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: {flow.sigma_min!r}
+                solver: 'euler'
+                t_scheduler: '{flow.t_scheduler}'
+                training_cfg_rate: {flow.training_cfg_rate!r}
+                inference_cfg_rate: {flow.inference_cfg_rate!r}
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.decoder.ConditionalDecoder
+            in_channels: {4 * n}
+            out_channels: {n}
+            channels: {_yaml_list(flow.estimator_channels)}
+            dropout: {flow.estimator_dropout!r}
+            attention_head_dim: {flow.estimator_head_dim}
+            n_blocks: {flow.estimator_blocks}
+            num_mid_blocks: {flow.estimator_mid_levels}
+            num_heads: {flow.estimator_heads}
+            act_fn: 'gelu'
+
+hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
+    in_channels: {hift.in_channels}
+    base_channels: {hift.base_channels}
+    nb_harmonics: {hift.nb_harmonics}
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: {hift.nsf_alpha!r}
+    nsf_sigma: {hift.nsf_sigma!r}
+    nsf_voiced_threshold: {hift.nsf_voiced_threshold!r}
+    upsample_rates: {_yaml_list(hift.upsample_rates)}
+    upsample_kernel_sizes: {_yaml_list(hift.upsample_kernel_sizes)}
+    istft_params:
+        n_fft: {hift.istft_n_fft}
+        hop_len: {hift.istft_hop}
+    resblock_kernel_sizes: {_yaml_list(hift.resblock_kernel_sizes)}
+    resblock_dilation_sizes: {_yaml_list(hift.resblock_dilation_sizes)}
+    source_resblock_kernel_sizes: {_yaml_list(hift.source_resblock_kernel_sizes)}
+    source_resblock_dilation_sizes: {_yaml_list(hift.source_resblock_dilation_sizes)}
+    lrelu_slope: {hift.lrelu_slope!r}
+    audio_limit: {hift.audio_limit!r}
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
+        num_class: 1
+        in_channels: {hift.in_channels}
+        cond_channels: {hift.f0_channels}
+"""
