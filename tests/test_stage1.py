@@ -29,7 +29,8 @@ class LossRecorder(L.Callback):
 def make(prepared, tmp_path, max_steps, callbacks, **model_kw):
     L.seed_everything(3)
     kw = {"warmup_steps": 2, "vq_start": 0.5, "kmeans_batches": 4, "export_dir": str(tmp_path / "export"), **model_kw}
-    model = SpeechTokenizer(config="tiny", overrides=TINY, tokenizer=str(prepared / "tokenizer.json"), **kw)
+    kw.setdefault("overrides", TINY)
+    model = SpeechTokenizer(config="tiny", tokenizer=str(prepared / "tokenizer.json"), **kw)
     data = TokenizerDataModule(data_dir=str(prepared), batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
@@ -145,3 +146,35 @@ def test_learns_from_the_audio_on_a_fixed_subset(prepared):
         model.eval()
         right, wrong = float(model._losses(batch, False)["asr_loss"]), float(model._losses(swapped, False)["asr_loss"])
     assert wrong > 10 * right, (right, wrong)
+
+
+def test_vq_inserted_into_a_trained_asr_export(prepared, tmp_path):
+    """``init_from`` a plain-ASR export with ``{vq: true}``: every trained weight carried over, plain ASR until
+    ``vq_start``, then the codebook is a k-means of the trained encoder's pooled features and the export tokenizes;
+    other network changes are refused naming the fields."""
+    from lit_keomni.checkpoints import Export
+
+    asr_model, data, trainer = make(prepared, tmp_path / "asr", 3, [Export()], overrides={**TINY, "vq": False})
+    trainer.fit(asr_model, data)
+    asr_export = tmp_path / "asr" / "export"
+    asr, _, _ = load_speech_tokenizer(asr_export)
+    assert asr.encoder.quantizer is None
+    L.seed_everything(3)
+    model = SpeechTokenizer(config="tiny", overrides={"vq": True, "codebook_size": 8}, init_from=str(asr_export),
+                            warmup_steps=1, vq_start=0.5, kmeans_batches=2, export_dir=str(tmp_path / "vq"))
+    model.configure_model()
+    state = model.model.state_dict()
+    for k, v in asr.state_dict().items():
+        assert np.array_equal(state[k].numpy(), v.numpy()), k
+    assert not model.model.encoder.use_vq and model.model.encoder.quantizer.codebook.shape[0] == 8
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[Export()], default_root_dir=str(tmp_path / "vqrun"))
+    trainer.fit(model, data)
+    vq, _, meta = load_speech_tokenizer(tmp_path / "vq")
+    assert meta["vq_active"] and meta["codebook_size"] == 8 and vq.encoder.use_vq
+    wav = asr_example(StreamingDataset(str(prepared / "chunks" / "val"))[0])["audio"]
+    codes = SpeechTokenEncoder(str(tmp_path / "vq"))([wav])[0]
+    assert len(codes) > 0 and 0 <= codes.min() and codes.max() < 8
+    with pytest.raises(ValueError, match=r"model.overrides \['d_model'\] cannot change the network"):
+        SpeechTokenizer(config="tiny", overrides={"vq": True, "d_model": 32}, init_from=str(asr_export)).configure_model()

@@ -62,6 +62,10 @@ def spec_augment(mel: Tensor, lengths: Tensor, gen: torch.Generator, freq_masks:
     return mel
 
 
+VQ_FIELDS = frozenset({"codebook_size", "commitment", "vq_decay", "restart_threshold"})
+"""Config fields of the quantiser alone: what ``init_from`` a plain-ASR export may set beside ``vq: true``."""
+
+
 class SpeechTokenizer(L.LightningModule):
     """Trains ``SpeechTokenizerModel`` on ASR; exports the handoff folder used by ``tokenize`` and stage 2."""
 
@@ -146,22 +150,41 @@ class SpeechTokenizer(L.LightningModule):
         kind = export_kind(folder)
         if kind is None and not is_released_tokenizer(read_config_json(folder)):
             return False
-        if self.hparams.overrides:
-            raise ValueError(f"model.overrides {sorted(self.hparams.overrides)} cannot change the network of "
-                             f"model.init_from={folder}; leave them out")
+        overrides = dict(self.hparams.overrides or {})
         if kind is not None:
             if kind != EXPORT_KIND:
                 raise ValueError(f"{Path(folder) / 'config.json'}: field 'kind' is {kind!r}; model.init_from takes a "
                                  f"Whisper folder, GLM-4-Voice's speech tokenizer or a {EXPORT_KIND!r} export")
             model, tokenizer, meta = load_speech_tokenizer(folder)
             self._weights_source = meta.get("weights_source")
-        else:
+            if model.encoder.quantizer is None and overrides.get("vq"):
+                return self._insert_vq(model, tokenizer, overrides, folder)
+        if overrides:
+            raise ValueError(f"model.overrides {sorted(overrides)} cannot change the network of "
+                             f"model.init_from={folder}; leave them out (a plain-ASR export takes {{vq: true}} and "
+                             f"the VQ fields {sorted(VQ_FIELDS)})")
+        if kind is None:
             own = Path(folder) / "tokenizer.json"
             model, tokenizer, _ = load_released_speech_tokenizer(folder, None if own.is_file() else self.hparams.tokenizer)
             self._weights_source = {"format": SPEECH_TOKENIZER_FORMAT, "folder": str(Path(folder).resolve())}
         self.text_tokenizer, self.model = tokenizer, model.train()
         self.model_config = model.config
         self.model.encoder.use_vq = True
+        self.logmel = LogMel(n_mels=self.model_config.n_mels).to(self.logmel.filters.device)
+        return True
+
+    def _insert_vq(self, asr: Any, tokenizer: TextTokenizer, overrides: dict[str, Any], folder: str) -> bool:
+        """A plain-ASR stage-1 export (``recipes/stage1_asr.yaml``) with the VQ inserted at its bottleneck, as the
+        paper inserts it into a trained Whisper: every weight kept, the codebook initialised by k-means on the trained
+        encoder's pooled features when the VQ switches on (``vq_start``)."""
+        other = sorted(set(overrides) - VQ_FIELDS - {"vq"})
+        if other:
+            raise ValueError(f"model.overrides {other} cannot change the network of model.init_from={folder}; with a "
+                             f"plain-ASR export only {{vq: true}} and the VQ fields {sorted(VQ_FIELDS)} apply")
+        self.text_tokenizer, self.model_config = tokenizer, asr.config.replace(**overrides)
+        self.model = SpeechTokenizerModel(self.model_config).train()
+        load_state_checked(self.model, asr.state_dict(), folder, allow_missing=("encoder.quantizer.",))
+        self.model.encoder.use_vq = False  # until the k-means init at vq_start
         self.logmel = LogMel(n_mels=self.model_config.n_mels).to(self.logmel.filters.device)
         return True
 
