@@ -330,7 +330,9 @@ def test_stage3_sharded_export_equals_single_process(runs):
     a, b = sharded.state_dict(), single.state_dict()
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        # Adam divides by the root of the squared gradient: on an embedding row whose gradient is tiny, the summation
+        # order of two ranks against one (float32 rounding) moves a weight by up to a few 1e-6 in 4 steps
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=5e-6, msg=k)
 
 
 def test_lora_sharded_matches_single_process_and_resumes(runs):
