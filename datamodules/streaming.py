@@ -234,7 +234,8 @@ def prepare(
     written in: "bucketed" (``bucketed``: batches of similar length but mixed content), "duration" (similar length and,
     on a templated corpus, similar content) or "shuffled" (mixed content, much padding); the 16 kHz copy of a dialogue
     corpus is always bucketed: stage 1 learns from mixed batches several times faster per step than from
-    duration-sorted ones, and pads a batch of shuffled clips to 2.3x its audio (1.2x bucketed, on the built-in corpus). Returns the stamp (counts and settings).
+    duration-sorted ones, and pads a batch of shuffled clips to 2.3x its audio (1.2x bucketed, on the built-in
+    corpus). Returns the stamp (counts and settings).
     """
     if order not in ORDERS:
         raise ValueError(f"prepare: order={order!r}, expected one of {ORDERS}")
