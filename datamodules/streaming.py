@@ -292,9 +292,9 @@ def prepare(
             if workers <= 1:  # in this process: a spawned litdata worker would only add its start-up
                 write_items(map(_ItemFn(rate), (u for g in groups for u in g)), where, **size)
             elif kind == "bucketed":  # a worker's chunks start at its first group: each chunk is one group
-                write_chunks(_GroupFn(rate), groups, where, workers=workers, chunk_size=BUCKET_ITEMS)
+                write_chunks(_GroupFn(rate), groups, where, workers=workers, **size)
             else:
-                write_chunks(_ItemFn(rate), groups[0], where, workers=workers, chunk_bytes="8MB")
+                write_chunks(_ItemFn(rate), groups[0], where, workers=workers, **size)
     tok_path = out / "tokenizer.json"
     texts = [u.text for u in by_split["train"] if u.text]
     if not tok_path.is_file() and texts:

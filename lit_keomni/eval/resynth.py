@@ -96,7 +96,8 @@ def _tokens(tokens: str | Path, split: str, fingerprint: str | None, decoder: st
 
 
 class Synthesiser:
-    """One decoder export behind ``__call__(item, codes) -> (waveform float32 numpy, its sample rate)``."""
+    """One decoder export behind ``__call__(audio, codes) -> waveform`` (float32 numpy at ``rate``): ``codes`` (the
+    utterance's tokens) drive a flow decoder or unit vocoder, ``audio`` (the original at ``rate``) a mel vocoder."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
