@@ -244,3 +244,22 @@ def test_preset_parameter_counts(name):
               "qwen2.5-7b": 7.62e9, "qwen2.5-0.5b": 0.494e9}
     if name in approx:
         assert abs(n / approx[name] - 1) < 0.01, n
+
+
+def test_cpu_bf16_training_attention_runs_in_float32():
+    from lit_keomni.nn.attention import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.rand(2, 1, 37, 37, generator=g) > 0.3
+    mask[..., 0] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa(q, k, v, attn_mask=mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, ref.bfloat16())
+    y.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    with torch.no_grad():  # inference keeps the bf16 kernel
+        y_inf = sdpa(q, k, v, attn_mask=mask)
+    assert torch.equal(y_inf, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.configs import _Registered
+from lit_keomni.nn.attention import sdpa
 from lit_keomni.nn.whisper import lengths_to_mask
 
 PROMPT_PROBABILITY = 0.5
@@ -198,8 +199,7 @@ class RelPositionAttention(nn.Module):
         content_q = (q + self.pos_bias_u).transpose(1, 2)
         position = relative_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
         bias = (position / math.sqrt(D)).masked_fill(~mask[:, None], float("-inf"))
-        y = F.scaled_dot_product_attention(content_q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = sdpa(content_q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -319,7 +319,7 @@ class TransformerBlock(nn.Module):
         B, T, _ = x.shape
         h = self.norm1(x)
         q, k, v = (proj(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        y = sdpa(q, k, v, attn_mask=attn_bias)
         x = x + self.dropout(self.out(y.transpose(1, 2).reshape(B, T, -1)))
         return x + self.ff_out(self.dropout(F.gelu(self.ff_in(self.norm2(x)))))
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.configs import TransformerConfig
+from lit_keomni.nn.attention import sdpa
 from lit_keomni.nn.losses import chunked_cross_entropy, token_cross_entropy
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
@@ -137,12 +138,12 @@ class Attention(nn.Module):
         if gqa and _SDPA_GQA and (mask is None or q.device.type == "cpu"):
             # SDPA reads the shared kv heads in place: no copy of k, v (the whole cache when decoding). CUDA's flash
             # kernel takes enable_gqa but no mask, its masked kernels fall back to math with it: copy there instead.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+            y = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         else:
             if gqa:
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            y = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.configs import SpeechTokenizerConfig
+from lit_keomni.nn.attention import sdpa
 from lit_keomni.nn.quantizer import VectorQuantizer, VQOutput
 
 
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         k, v = kv if kv is not None else self.heads(x if context is None else context)
         p = self.dropout if self.training else 0.0
         causal = causal and mask is None and kv is None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        y = sdpa(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
