@@ -140,6 +140,21 @@ def test_kmeans_init_beats_random_init() -> None:
         kmeans(x[:10], 16)
 
 
+def test_kmeans_init_with_fewer_features_than_codes() -> None:
+    """A short run switches the VQ on with fewer pooled frames than codes: every code starts at one of the frames
+    (plus a little noise, so no two codes are equal) instead of the run failing; no frames is one clear error."""
+    torch.manual_seed(0)
+    x = torch.randn(5, D)
+    vq = VectorQuantizer(D, 16)
+    vq.init_from_kmeans(x, seed=1)
+    assert vq.initialized and torch.isfinite(vq.codebook).all()
+    assert len({tuple(c.tolist()) for c in vq.codebook}) == 16
+    assert nearest(vq.codebook, x)[1].max() < 1e-3 * D  # squared distance of each code to its frame
+    assert len(set(nearest(vq.codebook, x)[0].tolist())) > 1
+    with pytest.raises(ValueError, match="no features"):
+        VectorQuantizer(D, 16).init_from_kmeans(torch.zeros(0, D))
+
+
 def test_cosine_variant_keeps_unit_codes() -> None:
     torch.manual_seed(0)
     vq = VectorQuantizer(D, 8, cosine=True).train()

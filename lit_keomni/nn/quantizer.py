@@ -213,15 +213,25 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_kmeans(self, x: Tensor, iters: int = 20, seed: int = 0) -> None:
-        """Initialise the codebook by k-means on a (N, D) sample of pre-VQ features (N >= codebook_size).
+        """Initialise the codebook by k-means on a (N, D) sample of pre-VQ features.
 
         This is how to insert a VQ into an already trained encoder without collapsing it: the codes start where the
-        features are. Under torch.distributed, rank 0's centroids are used everywhere.
+        features are. With fewer rows than codes (a short run), the codes are the rows drawn with replacement plus a
+        little noise, and dead-code restarts spread them later. Under torch.distributed, rank 0's centroids are used
+        everywhere.
         """
-        x = x.reshape(-1, self.dim).to(self.codebook.device)
+        x = x.reshape(-1, self.dim).to(self.codebook.device).float()
         if self.cosine:
-            x = F.normalize(x.float(), dim=-1)
-        self.init_codebook(kmeans(x, self.codebook_size, iters=iters, seed=seed))
+            x = F.normalize(x, dim=-1)
+        if x.shape[0] == 0:
+            raise ValueError("init_from_kmeans: no features to initialise the codebook from")
+        if x.shape[0] >= self.codebook_size:
+            self.init_codebook(kmeans(x, self.codebook_size, iters=iters, seed=seed))
+            return
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        rows = x[torch.randint(x.shape[0], (self.codebook_size,), generator=g).to(x.device)]
+        noise = torch.randn(rows.shape, generator=g).to(x.device)
+        self.init_codebook(rows + 0.01 * (x.std() if x.shape[0] > 1 else 1.0) * noise)
 
     @torch.no_grad()
     def _sample_inputs(self, x: Tensor, n: int) -> Tensor | None:
