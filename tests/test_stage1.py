@@ -148,16 +148,26 @@ def test_learns_from_the_audio_on_a_fixed_subset(prepared):
     assert wrong > 10 * right, (right, wrong)
 
 
-def test_held_out_loss_falls_on_the_training_stream(prepared):
-    """Trained on the training stream (batches of 8, as the recipe's loader gives them), the ASR loss of a fixed
-    held-out batch falls at least 2.5-fold within 120 steps."""
+@pytest.fixture(scope="module")
+def corpus60(tmp_path_factory):
+    """``prepare`` on 60 built-in dialogues (~3 s): enough sentences that held-out utterances share their language."""
+    from datamodules.streaming import prepare
+
+    out = tmp_path_factory.mktemp("corpus60")
+    prepare(out, num_dialogues=60, seed=7, workers=1, tokenizer_vocab=400, val_fraction=0.2, progress=False)
+    return out
+
+
+def test_held_out_loss_falls_on_the_training_stream(corpus60):
+    """The recipe's model on its targets (characters) and stream (batches of the bucketed 16 kHz copy): the ASR loss
+    of a fixed held-out batch falls at least 1.7-fold within 80 steps (measured 5.78 -> 2.93)."""
     import torch
 
     L.seed_everything(0)
-    model = SpeechTokenizer(config="tiny", overrides={**TINY, "vq": False}, tokenizer=str(prepared / "tokenizer.json"),
-                            vq_start=0.0, ctc_weight=0.3)
+    model = SpeechTokenizer(config="tiny", overrides={**TINY, "vq": False},
+                            tokenizer=str(corpus60 / "characters" / "tokenizer.json"), vq_start=0.0, ctc_weight=0.3)
     model.configure_model()
-    data = TokenizerDataModule(data_dir=str(prepared), batch_size=8, num_workers=0)
+    data = TokenizerDataModule(data_dir=str(corpus60), batch_size=8, num_workers=0)
     data.setup("fit")
     held_out = next(iter(data.val_dataloader()))
 
@@ -171,7 +181,7 @@ def test_held_out_loss_falls_on_the_training_stream(prepared):
     before = held_out_loss()
     opt = torch.optim.AdamW(model.model.parameters(), lr=3e-3)
     step, seen = 0, set()
-    while step < 120:
+    while step < 80:
         for batch in data.train_dataloader():
             out = model._losses(batch, augment=False)
             out["asr_loss"].add(0.3 * out["ctc_loss"]).backward()
@@ -179,11 +189,11 @@ def test_held_out_loss_falls_on_the_training_stream(prepared):
             opt.zero_grad()
             seen.update(batch["text"])
             step += 1
-            if step == 120:
+            if step == 80:
                 break
-    assert not seen & set(held_out["text"])
+    assert len(seen) > 100 and not seen & set(held_out["text"])
     after = held_out_loss()
-    assert after < before / 2.5, (before, after)
+    assert after < before / 1.7, (before, after)
 
 
 def test_vq_inserted_into_a_trained_asr_export(prepared, tmp_path):
