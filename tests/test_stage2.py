@@ -110,3 +110,16 @@ def test_interleave_command_on_builtin_text(prepared, stage1_export, tokens, tmp
 
     stats = json.loads((out / "stats.json").read_text())
     assert stats["documents"] == 24 and stats["speech_tokens"] > 0
+
+
+def test_generation_stays_within_the_context(stage1_export):
+    """Validation synthesis of long and short texts in one left-padded batch never asks for more positions than
+    ``block_size``: a character vocabulary makes prompts long enough that prompt + speech budget would pass it."""
+    L.seed_everything(1)
+    model = TextToToken(config="tiny", overrides={**TINY_LM, "block_size": 64}, speech_export=str(stage1_export))
+    model.configure_model()
+    texts = ["Sam lives with a duck and a cat and a dog in the old green house.", "Hi."]
+    assert max(len(tts(model.text_tokenizer, t, None)[0]) for t in texts) > 20
+    speech = model.generate_speech(texts)
+    longest = max(len(tts(model.text_tokenizer, t, None)[0]) for t in texts)
+    assert len(speech) == 2 and all(len(row) <= 64 - longest for row in speech)

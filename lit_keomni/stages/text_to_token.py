@@ -148,8 +148,8 @@ class TextToToken(Stage):
         """Speech tokens (codebook indices) for each text."""
         tok = self.text_tokenizer
         prompts = [tts(tok, t, None)[0] for t in texts]
-        room = self.model.config.block_size
-        limits = [max(0, min(int(len(p) * self.hparams.speech_per_text_token) + 8, room - len(p))) for p in prompts]
+        room = self.model.config.block_size - max(len(p) for p in prompts)  # one left-padded batch
+        limits = [max(0, min(int(len(p) * self.hparams.speech_per_text_token) + 8, room)) for p in prompts]
         lo = tok.audio_token_offset
         out = generate(self.model, prompts, max_new_tokens=limits, temperature=temperature, top_k=top_k,
                        stop_ids=[tok.token_to_id(END_AUDIO)], pad_id=tok.pad_id,
