@@ -235,7 +235,8 @@ def interleave_documents(
     start = time.perf_counter()
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        outs = generate(model, [prompts[n] for n in idx], max_new_tokens=[limits[n] for n in idx],
+        room = block - max(len(prompts[n]) for n in idx)  # one left-padded batch
+        outs = generate(model, [prompts[n] for n in idx], max_new_tokens=[min(limits[n], room) for n in idx],
                         temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(eoa,), pad_id=tokenizer.pad_id,
                         generator=generator, allowed_ids=(lo, lo + tokenizer.num_audio_tokens))
         for n, out in zip(idx, outs):
