@@ -229,14 +229,16 @@ def interleave_documents(
         if len(p) >= block:
             raise ValueError(f"interleave: a span of {len(p) - 1} text tokens leaves no room in TransformerConfig field "
                              f"'block_size' ({block})")
-        limits.append(min(math.ceil((len(p) - 1) * max_speech_per_text) + SPEECH_SLACK, block - len(p)))
+        limits.append(math.ceil((len(p) - 1) * max_speech_per_text) + SPEECH_SLACK)
     speech: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda n: (len(prompts[n]), n))
     start = time.perf_counter()
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        room = block - max(len(prompts[n]) for n in idx)  # one left-padded batch
-        outs = generate(model, [prompts[n] for n in idx], max_new_tokens=[min(limits[n], room) for n in idx],
+        room = block - max(len(prompts[n]) for n in idx)  # one left-padded batch shares the context
+        for n in idx:
+            limits[n] = min(limits[n], room)  # the limit a span is counted against in spans_at_limit
+        outs = generate(model, [prompts[n] for n in idx], max_new_tokens=[limits[n] for n in idx],
                         temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(eoa,), pad_id=tokenizer.pad_id,
                         generator=generator, allowed_ids=(lo, lo + tokenizer.num_audio_tokens))
         for n, out in zip(idx, outs):

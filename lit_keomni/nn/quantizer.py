@@ -49,6 +49,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _draw_rows(x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` rows of ``x`` (N, D) drawn with replacement, plus a little noise so that duplicated rows become distinct
+    codes (float32)."""
+    x = x.float()
+    rows = x[torch.randint(x.shape[0], (n,), device=x.device, generator=generator)]
+    return rows + 0.01 * x.std() * torch.randn(rows.shape, device=x.device, generator=generator)
+
+
 @torch.no_grad()
 def nearest(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Index of, and squared euclidean distance to, the nearest codebook row for each row of ``x``.
@@ -228,10 +236,7 @@ class VectorQuantizer(nn.Module):
         if x.shape[0] >= self.codebook_size:
             self.init_codebook(kmeans(x, self.codebook_size, iters=iters, seed=seed))
             return
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        rows = x[torch.randint(x.shape[0], (self.codebook_size,), generator=g).to(x.device)]
-        noise = torch.randn(rows.shape, generator=g).to(x.device)
-        self.init_codebook(rows + 0.01 * (x.std() if x.shape[0] > 1 else 1.0) * noise)
+        self.init_codebook(_draw_rows(x, self.codebook_size, torch.Generator(device=x.device).manual_seed(seed)))
 
     @torch.no_grad()
     def _sample_inputs(self, x: Tensor, n: int) -> Tensor | None:
@@ -245,8 +250,7 @@ class VectorQuantizer(nn.Module):
             if x.shape[0] >= n:
                 out = x[torch.randperm(x.shape[0], device=x.device)[:n]].float()
             else:
-                out = x[torch.randint(x.shape[0], (n,), device=x.device)].float()
-                out = out + 0.01 * x.float().std() * torch.randn_like(out)
+                out = _draw_rows(x, n)
         if _distributed():
             dist.broadcast(flag, src=0)
             dist.broadcast(out, src=0)
