@@ -472,18 +472,20 @@ def load_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 
 def load_mel_vocoder(path: str | Path, *, fold_weight_norm: bool = True) -> tuple[Any, dict[str, Any]]:
-    """A stage-7 HiFT export (kind ``mel_vocoder``) -> (``HiFTGenerator`` in eval mode, weight norm folded in unless
-    ``fold_weight_norm`` is False; export metadata: ``sample_rate``, ``n_mels``, ``hop`` and ``mel``, the settings of
-    the mel it reads). The recorded sizes must agree with the generator config."""
-    from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator
+    """A stage-7 mel-vocoder export (kind ``mel_vocoder``) -> (``HiFTGenerator`` or ``VocosGenerator``, as its field
+    ``generator`` says (absent = HiFT), in eval mode, weight norm folded in unless ``fold_weight_norm`` is False; export
+    metadata: ``sample_rate``, ``n_mels``, ``hop`` and ``mel``, the settings of the mel it reads). The recorded sizes
+    must agree with the generator config."""
+    from lit_keomni.nn.vocos import mel_vocoder_classes
 
     exp = load_export(path, "mel_vocoder")
     source = str(exp.path / CONFIG_FILE)
-    config = HiFTConfig.from_dict(exp.config, source=source)
+    config_class, generator_class = mel_vocoder_classes(exp.meta.get("generator", "hift"), source)
+    config = config_class.from_dict(exp.config, source=source)
     for field, value in (("sample_rate", config.sampling_rate), ("n_mels", config.in_channels), ("hop", config.hop)):
         if exp.meta.get(field) != value:
             raise ValueError(f"{source}: field '{field}' is {exp.meta.get(field)!r}, but the config gives {value!r}")
-    model = HiFTGenerator(config)
+    model = generator_class(config)
     load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
     return (model.remove_weight_norm() if fold_weight_norm else model).eval(), exp.meta
 

@@ -227,7 +227,12 @@ def release_glm4voice_decoder(export: str | Path, out: str | Path) -> Path:
     if not (vocoder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{vocoder}: missing; a released decoder folder holds the HiFT too: train the flow "
                                 f"with model.mel_vocoder (recipes/stage7_hift.yaml's export), which copies it here")
-    check_decoder_vocoder(export, meta, vocoder, read_export_meta(vocoder, "mel_vocoder"))
+    vocoder_meta = read_export_meta(vocoder, "mel_vocoder")
+    check_decoder_vocoder(export, meta, vocoder, vocoder_meta)
+    if vocoder_meta.get("generator", "hift") != "hift":
+        raise ValueError(f"{vocoder / CONFIG_FILE}: field 'generator' is {vocoder_meta['generator']!r}; the "
+                         f"glm-4-voice-decoder layout holds a HiFT (hift.pt): train the flow with a HiFT mel vocoder "
+                         f"(recipes/stage7_hift.yaml) to release it")
     hift, _ = load_mel_vocoder(vocoder, fold_weight_norm=False)  # written as weight_g / weight_v, as released
     try:
         text = released_config_yaml(flow.config, hift.config)

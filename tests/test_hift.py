@@ -263,7 +263,7 @@ def test_resume_gives_identical_next_losses(prepared, tmp_path):
 
 
 def test_bad_stage_inputs(prepared):
-    with pytest.raises(ValueError, match="model.config: unknown HiFTConfig preset 'huge'"):
+    with pytest.raises(ValueError, match=r"model.config: unknown mel-vocoder preset 'huge'; known: \[.*'tiny', 'vocos', 'vocos-tiny'\]"):
         MelVocoder(config="huge")
     with pytest.raises(ValueError, match="data.segment_frames: must be a positive integer"):
         MelVocoderDataModule(segment_frames=0, data_dir=str(prepared))
