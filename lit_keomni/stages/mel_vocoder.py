@@ -87,8 +87,8 @@ class MelVocoder(Stage):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.family = mel_vocoder_family(config)
-        self.config_class, self.generator_class = mel_vocoder_classes(self.family)
-        self.vocoder_config = self.config_class.from_name(config, **(overrides or {}))
+        config_class, self.generator_class = mel_vocoder_classes(self.family)
+        self.vocoder_config = config_class.from_name(config, **(overrides or {}))
         self.generator: HiFTGenerator | VocosGenerator | None = None
         # The excitation's random phases and noise are drawn from a generator seeded by (noise_seed, step), not from
         # torch's global one, whose draws (e.g. by each new loader iterator) differ between a run and its resumption.
