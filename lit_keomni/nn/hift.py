@@ -43,7 +43,33 @@ from lit_keomni.nn.hifigan import VocoderMel, _Ensemble, _judge
 
 
 @dataclass
-class HiFTConfig(_Registered):
+class MelVocoderFields:
+    """Fields every mel vocoder (HiFT here, ``nn.vocos.VocosConfig``) shares: its output clamp, the mel it reads and
+    the discriminators the stage-7 mel-vocoder stage trains it against."""
+
+    audio_limit: float = 0.99
+    """Output clamp."""
+    mel_n_fft: int = 1024
+    """FFT size and Hann window of the input mel (``MelFrontEnd``); its hop is ``hop``."""
+    mel_f_max: float = 8000.0
+    """Highest frequency of the input mel's filters (the lowest is 0 Hz)."""
+    mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
+    """Periods of the multi-period discriminator (training only)."""
+    mpd_channels: tuple[int, ...] = (32, 128, 512, 1024, 1024)
+    """Channels of each period discriminator's five 2-D convolutions (training only)."""
+    mrd_resolutions: tuple[tuple[int, int, int], ...] = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
+    """(n_fft, hop, window) of each spectrogram discriminator (CosyVoice's ``MultiResSpecDiscriminator``)."""
+    mrd_channels: int = 32
+    """Channels of the spectrogram discriminators' 2-D convolutions (training only)."""
+
+    def __post_init__(self) -> None:
+        self.mpd_periods = tuple(int(v) for v in self.mpd_periods)
+        self.mpd_channels = tuple(int(v) for v in self.mpd_channels)
+        self.mrd_resolutions = tuple(tuple(int(d) for d in r) for r in self.mrd_resolutions)
+
+
+@dataclass
+class HiFTConfig(MelVocoderFields, _Registered):
     """HiFT generator (``nn/hift.py``) and the discriminators it is trained against."""
 
     in_channels: int = 80
@@ -78,22 +104,8 @@ class HiFTConfig(_Registered):
     """Dilations of those residual blocks."""
     lrelu_slope: float = 0.1
     """Leaky-ReLU slope before every upsampling layer."""
-    audio_limit: float = 0.99
-    """Output clamp."""
     f0_channels: int = 512
     """Channels of the F0 predictor's convolutions."""
-    mel_n_fft: int = 1024
-    """FFT size and Hann window of the input mel (``MelFrontEnd``); its hop is ``hop``."""
-    mel_f_max: float = 8000.0
-    """Highest frequency of the input mel's filters (the lowest is 0 Hz)."""
-    mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
-    """Periods of the multi-period discriminator (training only)."""
-    mpd_channels: tuple[int, ...] = (32, 128, 512, 1024, 1024)
-    """Channels of each period discriminator's five 2-D convolutions (training only)."""
-    mrd_resolutions: tuple[tuple[int, int, int], ...] = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
-    """(n_fft, hop, window) of each spectrogram discriminator (CosyVoice's ``MultiResSpecDiscriminator``)."""
-    mrd_channels: int = 32
-    """Channels of the spectrogram discriminators' 2-D convolutions (training only)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "glm-4-voice-decoder": {},
@@ -103,10 +115,10 @@ class HiFTConfig(_Registered):
     }
 
     def __post_init__(self) -> None:
-        for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes", "source_resblock_kernel_sizes",
-                     "mpd_periods", "mpd_channels"):
+        super().__post_init__()
+        for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes", "source_resblock_kernel_sizes"):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
-        for name in ("resblock_dilation_sizes", "source_resblock_dilation_sizes", "mrd_resolutions"):
+        for name in ("resblock_dilation_sizes", "source_resblock_dilation_sizes"):
             setattr(self, name, tuple(tuple(int(d) for d in ds) for ds in getattr(self, name)))
         if len(self.upsample_kernel_sizes) != len(self.upsample_rates):
             raise ValueError("HiFTConfig: fields 'upsample_rates' and 'upsample_kernel_sizes' differ in length")

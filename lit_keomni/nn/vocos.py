@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.configs import _Registered
+from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator, MelVocoderFields
 
 
 @dataclass
-class VocosConfig(_Registered):
-    """Vocos generator (``nn/vocos.py``) and the discriminators it is trained against."""
+class VocosConfig(MelVocoderFields, _Registered):
+    """Vocos generator (``nn/vocos.py``); the mel it reads and its discriminators are ``MelVocoderFields``."""
 
     in_channels: int = 80
     """Mel bins of the input."""
@@ -54,20 +55,6 @@ class VocosConfig(_Registered):
     """Output samples per mel frame (the iSTFT hop)."""
     n_fft: int = 1024
     """FFT size and Hann window of the output iSTFT."""
-    audio_limit: float = 0.99
-    """Output clamp."""
-    mel_n_fft: int = 1024
-    """FFT size and Hann window of the input mel (``nn.hift.MelFrontEnd``); its hop is ``hop``."""
-    mel_f_max: float = 8000.0
-    """Highest frequency of the input mel's filters (the lowest is 0 Hz)."""
-    mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
-    """Periods of the multi-period discriminator (training only)."""
-    mpd_channels: tuple[int, ...] = (32, 128, 512, 1024, 1024)
-    """Channels of each period discriminator's five 2-D convolutions (training only)."""
-    mrd_resolutions: tuple[tuple[int, int, int], ...] = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
-    """(n_fft, hop, window) of each spectrogram discriminator (training only)."""
-    mrd_channels: int = 32
-    """Channels of the spectrogram discriminators' 2-D convolutions (training only)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "vocos": {},
@@ -76,9 +63,7 @@ class VocosConfig(_Registered):
     }
 
     def __post_init__(self) -> None:
-        self.mpd_periods = tuple(int(v) for v in self.mpd_periods)
-        self.mpd_channels = tuple(int(v) for v in self.mpd_channels)
-        self.mrd_resolutions = tuple(tuple(int(d) for d in r) for r in self.mrd_resolutions)
+        super().__post_init__()
         for field in ("in_channels", "dim", "intermediate_dim", "num_layers", "sampling_rate", "hop", "n_fft"):
             if getattr(self, field) < 1:
                 raise ValueError(f"VocosConfig: field '{field}' is {getattr(self, field)}, must be >= 1")
@@ -187,8 +172,6 @@ MEL_VOCODERS = ("hift", "vocos")
 
 def mel_vocoder_classes(generator: str, source: str = "config.json") -> tuple[type, type]:
     """(config class, generator class) of a mel-vocoder family, one error naming ``source`` for an unknown one."""
-    from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator
-
     if generator == "hift":
         return HiFTConfig, HiFTGenerator
     if generator == "vocos":
@@ -198,8 +181,6 @@ def mel_vocoder_classes(generator: str, source: str = "config.json") -> tuple[ty
 
 def mel_vocoder_family(preset: str) -> str:
     """The family ("hift" or "vocos") of a mel-vocoder preset name; one error listing both families' presets."""
-    from lit_keomni.nn.hift import HiFTConfig
-
     for family in MEL_VOCODERS:
         if preset in mel_vocoder_classes(family)[0].presets:
             return family
