@@ -453,9 +453,11 @@ def load_unit_generator(path: str | Path, expect: Mapping[str, Any] | None = Non
 
 
 def load_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """A stage-7 export (kind ``vocoder``) -> (``UnitVocoder`` in eval mode, weight norm folded in; export metadata).
-    The generator config must agree with the recorded ``num_units``, ``sample_rate`` and ``frame_rate``."""
-    from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig
+    """A stage-7 export (kind ``vocoder``) -> (``UnitVocoder``, or ``UnitVocos`` for ``config.generator`` "vocos", in
+    eval mode, weight norm folded in; export metadata). The generator config must agree with the recorded
+    ``num_units``, ``sample_rate`` and ``frame_rate``."""
+    from lit_keomni.nn.hifigan import VocoderConfig
+    from lit_keomni.nn.vocos import unit_vocoder_class
 
     exp = load_export(path, "vocoder")
     source = str(exp.path / CONFIG_FILE)
@@ -466,7 +468,7 @@ def load_vocoder(path: str | Path) -> tuple[Any, dict[str, Any]]:
                              f"{getattr(config, field)!r}")
     if "num_units" not in exp.meta:
         raise ValueError(f"{source}: field 'num_units' missing")
-    model = UnitVocoder(int(exp.meta["num_units"]), config)
+    model = unit_vocoder_class(config)(int(exp.meta["num_units"]), config)
     load_state_checked(model, exp.state_dict, str(exp.path / WEIGHTS_FILE))
     return model.remove_weight_norm().eval(), exp.meta
 

@@ -323,3 +323,14 @@ def test_paper_recipe_batches_20000_frames():
     assert abs(frames - 20000) / 20000 < 0.05
     flow = FlowDecoder(FlowConfig.from_name("glm-4-voice-decoder"))
     assert 105e6 < sum(p.numel() for p in flow.parameters()) < 115e6
+
+
+def test_cpu_recipe_trains_one_voice_with_the_encoder_loss(capsys, monkeypatch):
+    """recipes/stage7_flow.yaml: one agent voice (tokens do not say who speaks; over all speakers the mel the
+    encoder must predict is an average of voices) and the encoder loss beside the flow loss, within 30 minutes."""
+    from tests.test_paper_recipes import printed
+
+    cfg = printed(ROOT / "recipes" / "stage7_flow.yaml", capsys, monkeypatch)
+    m, d, t = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert d["speaker"] == "agentFemale" and m["prior_weight"] == 1.0 and m["config"] == "tiny"
+    assert t["max_time"] == "00:00:30:00" and t["max_steps"] == 7500

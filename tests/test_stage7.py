@@ -10,10 +10,13 @@ import torch
 from datamodules.vocoder import VocoderDataModule
 from lit_keomni.checkpoints import AtomicCheckpointIO, Export, load_vocoder, unit_meta
 from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig, factor_hop
+from lit_keomni.nn.vocos import UnitVocos
 from lit_keomni.stages.vocoder import Vocoder
 
 TEST_SIZES = {"unit_dim": 16, "upsample_initial_channel": 32, "mpd_channels": (4, 4, 8, 8, 8),
               "msd_channels": (4, 4, 8, 8, 8, 8, 8)}
+VOCOS_SIZES = {"unit_dim": 16, "vocos_dim": 32, "vocos_intermediate_dim": 64, "vocos_layers": 2,
+               "mpd_channels": (4, 4, 8, 8, 8), "msd_channels": (4, 4, 8, 8, 8, 8, 8)}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,9 +48,10 @@ def pairs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("vocoder-pairs")
 
 
-def make(prepared, stage1_export, tokens, pairs, tmp_path, max_steps, callbacks, speaker="agentFemale", **kw):
+def make(prepared, stage1_export, tokens, pairs, tmp_path, max_steps, callbacks, speaker="agentFemale", config="tiny",
+         overrides=TEST_SIZES, **kw):
     L.seed_everything(5)
-    model = Vocoder(config="tiny", overrides=TEST_SIZES, units_from=str(stage1_export), lr=1e-3,
+    model = Vocoder(config=config, overrides=overrides, units_from=str(stage1_export), lr=1e-3,
                     export_dir=str(tmp_path / "export"), **kw)
     data = VocoderDataModule(units_from=str(stage1_export), tokens_dir=str(tokens), speaker=speaker, out_dir=str(pairs),
                              segment_units=3, val_max_units=12, data_dir=str(prepared), batch_size=2, num_workers=0)
@@ -160,3 +164,53 @@ def test_recipes_stage7(capsys, monkeypatch):
         vocoder = UnitVocoder(4000, c)  # KE-Omni §5.1: 4,000 k-means units
     # HiFi-GAN V1's generator has 13.9 M parameters (rates 8, 8, 2, 2); ours reach the 1280 hop with 8, 8, 5, 4
     assert 13e6 < n_params(vocoder) - 4000 * c.unit_dim < 15e6
+
+
+def test_unit_vocos_length_streaming_and_receptive_field():
+    """The Vocos generator behind the unit embedding: F units -> F·hop samples in [-1, 1]; streamed chunks with
+    ``receptive_units`` of context equal the whole synthesis, and less context than that changes the seams."""
+    torch.manual_seed(0)
+    c = VocoderConfig.from_name("vocos-tiny", **VOCOS_SIZES)
+    vocoder = UnitVocos(16, c).eval()
+    assert vocoder.frames_per_unit == 5 and vocoder.receptive_units == 4  # (3 · 3 + 2) = 11 frames -> 3 units, + 1
+    for p in vocoder.parameters():  # a random generator whose output reaches well past the clamp's floor
+        p.data.normal_(0, 0.3)
+    units = torch.randint(0, 16, (41,))
+    with torch.no_grad():
+        full = vocoder(units[None])[0]
+    assert full.shape == (41 * 1280,) and full.abs().max() <= 1 and full.abs().max() > 1e-2
+    chunks = list(vocoder.stream(units, chunk=6))
+    assert [len(x) for x in chunks] == [6 * 1280] * 6 + [5 * 1280]
+    torch.testing.assert_close(torch.cat(chunks), full, atol=1e-5, rtol=1e-4)
+    short = (torch.cat(list(vocoder.stream(units, chunk=6, context=1))) - full).abs().max()
+    assert short > 1e-3 and short > 100 * (torch.cat(chunks) - full).abs().max()
+    with pytest.raises(ValueError, match="field 'generator' is 'wavenet'"):
+        VocoderConfig(generator="wavenet")
+    with pytest.raises(ValueError, match="'istft_hop' 300 must divide the unit hop 1280"):
+        VocoderConfig.from_name("vocos-tiny", istft_hop=300)
+
+
+def test_unit_vocos_fit_export_round_trip(prepared, stage1_export, speech_tokens, pairs_dir, tmp_path):
+    """The stage trains the Vocos generator like HiFi-GAN's (D step, then G step) and its export loads back as a
+    ``UnitVocos`` with the same output."""
+    snap = Snapshots()
+    model, data, trainer = make(prepared, stage1_export, speech_tokens, pairs_dir, tmp_path, 4, [snap, Export()],
+                                config="vocos-tiny", overrides=VOCOS_SIZES)
+    trainer.fit(model, data)
+    assert isinstance(model.generator, UnitVocos) and "val/mel_l1" in trainer.callback_metrics
+    (g0, _), (g1, _), (g2, _), (g3, _) = snap.marks[:4]
+    assert torch.equal(g1, g2) and not torch.equal(g2, g3)  # the generator moves in its own step only
+    loaded, meta = load_vocoder(tmp_path / "export")
+    assert isinstance(loaded, UnitVocos) and meta["speaker"] == "agentFemale"
+    units = torch.randint(0, 16, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(units), model.generator.cpu().eval()(units), atol=1e-5, rtol=1e-4)
+
+
+def test_recipe_stage7_unit_vocos(capsys, monkeypatch):
+    from tests.test_paper_recipes import printed
+
+    cfg = printed(ROOT / "recipes" / "stage7_unit_vocos.yaml", capsys, monkeypatch)
+    m, d = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert m["config"] == "vocos-tiny" and d["speaker"] == "agentFemale"
+    assert VocoderConfig.from_name(m["config"]).generator == "vocos"

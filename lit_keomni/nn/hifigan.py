@@ -60,6 +60,10 @@ def factor_hop(hop: int, stages: int) -> tuple[int, ...]:
     return tuple(rates)
 
 
+UNIT_GENERATORS = ("hifigan", "vocos")
+"""Generators of a unit vocoder (``VocoderConfig.generator``)."""
+
+
 @dataclass
 class VocoderConfig(_Registered):
     """Unit HiFi-GAN generator and discriminators (``nn/hifigan.py``)."""
@@ -92,12 +96,28 @@ class VocoderConfig(_Registered):
     """Channels of each scale discriminator's seven 1-D convolutions."""
     msd_scales: int = 3
     """Scales of the multi-scale discriminator (raw audio, then average-pooled ×2, ×4)."""
+    generator: str = "hifigan"
+    """The generator behind the unit embedding: "hifigan" (upsampling convolutions, the fields above) or "vocos"
+    (``nn.vocos.UnitVocos``: ConvNeXt blocks at ``istft_hop`` frames and an iSTFT head, the fields below)."""
+    vocos_dim: int = 192
+    """"vocos": width of the ConvNeXt blocks."""
+    vocos_intermediate_dim: int = 576
+    """"vocos": hidden size of every block's pointwise MLP."""
+    vocos_layers: int = 6
+    """"vocos": ConvNeXt blocks."""
+    istft_hop: int = 256
+    """"vocos": output samples per STFT frame; must divide the unit hop (1280 / 256 = 5 frames per unit)."""
+    istft_n_fft: int = 1024
+    """"vocos": FFT size and Hann window of the output iSTFT."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "v1": {},
         "tiny": {"unit_dim": 64, "upsample_initial_channel": 128, "resblock_kernel_sizes": (3,),
                  "resblock_dilation_sizes": ((1, 3, 5),), "mpd_channels": (4, 8, 16, 16, 16),
                  "msd_channels": (4, 8, 16, 16, 16, 16, 16)},
+        # the same unit embedding and discriminators as "tiny", a Vocos generator (nn.vocos.UnitVocos)
+        "vocos-tiny": {"unit_dim": 64, "generator": "vocos", "mpd_channels": (4, 8, 16, 16, 16),
+                       "msd_channels": (4, 8, 16, 16, 16, 16, 16)},
     }
 
     def __post_init__(self) -> None:
@@ -117,6 +137,13 @@ class VocoderConfig(_Registered):
         if self.upsample_initial_channel % 2 ** self.num_upsamples:
             raise ValueError(f"VocoderConfig: field 'upsample_initial_channel' {self.upsample_initial_channel} must be "
                              f"divisible by 2**{self.num_upsamples} (halved by every upsampling layer)")
+        if self.generator not in UNIT_GENERATORS:
+            raise ValueError(f"VocoderConfig: field 'generator' is {self.generator!r}, expected one of "
+                             f"{list(UNIT_GENERATORS)}")
+        if self.generator == "vocos" and (self.hop % self.istft_hop or self.istft_n_fft < self.istft_hop
+                                          or (self.istft_n_fft - self.istft_hop) % 2):
+            raise ValueError(f"VocoderConfig: field 'istft_hop' {self.istft_hop} must divide the unit hop {self.hop}, "
+                             f"and field 'istft_n_fft' {self.istft_n_fft} be at least it with an even difference")
         if len(self.resblock_dilation_sizes) != len(self.resblock_kernel_sizes):
             raise ValueError("VocoderConfig: fields 'resblock_kernel_sizes' and 'resblock_dilation_sizes' differ in length")
 
@@ -149,8 +176,9 @@ class ResBlock(nn.Module):
         return x
 
 
-class UnitVocoder(nn.Module):
-    """Units (B, F) -> waveform (B, F·hop) in [-1, 1]; the handoff of stage 7 (``checkpoints.load_vocoder``)."""
+class UnitInput(nn.Module):
+    """What every unit vocoder shares: the unit (and speaker) embedding at the unit rate, ``stream`` and the rates.
+    A subclass builds its generator on ``in_dim`` input channels and defines ``synthesise`` and ``receptive_units``."""
 
     def __init__(self, num_units: int, config: VocoderConfig) -> None:
         super().__init__()
@@ -158,11 +186,69 @@ class UnitVocoder(nn.Module):
         self.config, self.num_units = c, num_units
         self.hop, self.sample_rate, self.frame_rate = c.hop, c.sample_rate, c.frame_rate
         self.unit_embed = nn.Embedding(num_units, c.unit_dim)
-        in_dim = c.unit_dim
+        self.in_dim = c.unit_dim
         if c.num_speakers > 0:
             self.speaker_embed = nn.Embedding(c.num_speakers, c.speaker_dim)
-            in_dim += c.speaker_dim
-        self.conv_pre = weight_norm(nn.Conv1d(in_dim, c.upsample_initial_channel, 7, padding=3))
+            self.in_dim += c.speaker_dim
+
+    @property
+    def receptive_units(self) -> int:
+        raise NotImplementedError
+
+    def synthesise(self, x: Tensor) -> Tensor:
+        """Embedded units (B, in_dim, F) -> waveform (B, F·hop)."""
+        raise NotImplementedError
+
+    def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
+        """Waveform (B, F·hop) of ``units`` (B, F) long; ``speaker`` (B,) long with a speaker embedding."""
+        if units.dim() != 2:
+            raise ValueError(f"{type(self).__name__}: units must be (B, F), got shape {tuple(units.shape)}")
+        x = self.unit_embed(units).transpose(1, 2)  # (B, unit_dim, F)
+        if self.config.num_speakers > 0:
+            if speaker is None:
+                raise ValueError(f"{type(self).__name__}: this model has {self.config.num_speakers} speakers; pass "
+                                 f"speaker ids")
+            s = self.speaker_embed(speaker)[:, :, None].expand(-1, -1, x.shape[-1])
+            x = torch.cat([x, s], dim=1)
+        return self.synthesise(x)
+
+    @torch.no_grad()
+    def stream(self, units: Tensor, chunk: int = 25, context: int | None = None,
+               speaker: Tensor | int | None = None) -> Iterator[Tensor]:
+        """Synthesise ``units`` (F,) ``chunk`` units at a time, yielding each chunk's waveform (chunk·hop,).
+
+        Each chunk is synthesised with ``context`` units on either side (default: ``receptive_units``, enough for the
+        result to equal ``forward`` up to float rounding) and cropped to its own span.
+        """
+        name = type(self).__name__
+        if units.dim() != 1:
+            raise ValueError(f"{name}.stream: units must be (F,), got shape {tuple(units.shape)}")
+        if chunk < 1:
+            raise ValueError(f"{name}.stream: chunk must be >= 1 unit, got {chunk}")
+        ctx = self.receptive_units if context is None else context
+        spk = None if speaker is None else torch.as_tensor(speaker, device=units.device).reshape(1)
+        n = units.shape[0]
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            a, b = max(0, s - ctx), min(n, e + ctx)
+            wav = self(units[None, a:b], spk)[0]
+            yield wav[(s - a) * self.hop : (e - a) * self.hop]
+
+    def remove_weight_norm(self) -> "UnitInput":
+        """Fold every weight-norm parametrisation into a plain weight (faster inference; as HiFi-GAN does)."""
+        for m in self.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight")
+        return self
+
+
+class UnitVocoder(UnitInput):
+    """Units (B, F) -> waveform (B, F·hop) in [-1, 1]; the handoff of stage 7 (``checkpoints.load_vocoder``)."""
+
+    def __init__(self, num_units: int, config: VocoderConfig) -> None:
+        super().__init__(num_units, config)
+        c = config
+        self.conv_pre = weight_norm(nn.Conv1d(self.in_dim, c.upsample_initial_channel, 7, padding=3))
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
         ch = c.upsample_initial_channel
@@ -190,50 +276,13 @@ class UnitVocoder(nn.Module):
             reach = math.ceil((reach + up.kernel_size[0]) / r) + 1
         return reach + 3  # conv_pre
 
-    def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
-        """Waveform (B, F·hop) of ``units`` (B, F) long; ``speaker`` (B,) long with a speaker embedding."""
-        if units.dim() != 2:
-            raise ValueError(f"UnitVocoder: units must be (B, F), got shape {tuple(units.shape)}")
-        x = self.unit_embed(units).transpose(1, 2)  # (B, unit_dim, F)
-        if self.config.num_speakers > 0:
-            if speaker is None:
-                raise ValueError(f"UnitVocoder: this model has {self.config.num_speakers} speakers; pass speaker ids")
-            s = self.speaker_embed(speaker)[:, :, None].expand(-1, -1, x.shape[-1])
-            x = torch.cat([x, s], dim=1)
+    def synthesise(self, x: Tensor) -> Tensor:
         x = self.conv_pre(x)
         for up, blocks in zip(self.ups, self.resblocks):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
             x = sum(b(x) for b in blocks) / len(blocks)
         x = self.conv_post(F.leaky_relu(x))  # HiFi-GAN: default slope (0.01) before the output layer
         return torch.tanh(x)[:, 0]
-
-    @torch.no_grad()
-    def stream(self, units: Tensor, chunk: int = 25, context: int | None = None,
-               speaker: Tensor | int | None = None) -> Iterator[Tensor]:
-        """Synthesise ``units`` (F,) ``chunk`` units at a time, yielding each chunk's waveform (chunk·hop,).
-
-        Each chunk is synthesised with ``context`` units on either side (default: ``receptive_units``, enough for the
-        result to equal ``forward`` up to float rounding) and cropped to its own span.
-        """
-        if units.dim() != 1:
-            raise ValueError(f"UnitVocoder.stream: units must be (F,), got shape {tuple(units.shape)}")
-        if chunk < 1:
-            raise ValueError(f"UnitVocoder.stream: chunk must be >= 1 unit, got {chunk}")
-        ctx = self.receptive_units if context is None else context
-        spk = None if speaker is None else torch.as_tensor(speaker, device=units.device).reshape(1)
-        n = units.shape[0]
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            a, b = max(0, s - ctx), min(n, e + ctx)
-            wav = self(units[None, a:b], spk)[0]
-            yield wav[(s - a) * self.hop : (e - a) * self.hop]
-
-    def remove_weight_norm(self) -> "UnitVocoder":
-        """Fold every weight-norm parametrisation into a plain weight (faster inference; as HiFi-GAN does)."""
-        for m in self.modules():
-            if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------ discriminators

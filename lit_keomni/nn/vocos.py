@@ -16,12 +16,16 @@ Notable features:
   empty, and streamed chunks are joined by ``Token2Wav``'s cross-fade alone.
 - Trained by ``stages.mel_vocoder.MelVocoder`` against the same discriminators as HiFT (multi-period and
   multi-resolution spectrogram, as Vocos), with the full-band mel L1.
+- ``UnitVocos``: the same generator behind a unit embedding (each 12.5 Hz unit repeated to 5 frames of hop 256 at
+  16 kHz), a stage-7 unit vocoder beside KE-Omni's unit HiFi-GAN (``VocoderConfig.generator`` "vocos", preset
+  "vocos-tiny"), trained by ``stages.vocoder.Vocoder`` with HiFi-GAN's discriminators and losses.
 Presets: "vocos-tiny" (CPU, 1.7 M parameters) and "vocos" (the published mel-Vocos size: dim 512, 1,536 hidden,
 8 blocks, 13.5 M parameters).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_keomni.configs import _Registered
+from lit_keomni.nn.hifigan import UnitInput, UnitVocoder, VocoderConfig
 from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator, MelVocoderFields
 
 
@@ -186,3 +191,38 @@ def mel_vocoder_family(preset: str) -> str:
             return family
     known = sorted([*HiFTConfig.presets, *VocosConfig.presets])
     raise ValueError(f"model.config: unknown mel-vocoder preset {preset!r}; known: {known}")
+
+
+# --------------------------------------------------------------------------------------------------- the unit vocoder
+
+
+class UnitVocos(UnitInput):
+    """Units (B, F) -> waveform (B, F·hop): the unit embedding repeated to ``istft_hop`` frames (5 per 12.5 Hz unit
+    at 16 kHz / 256), then ``VocosGenerator``'s ConvNeXt blocks and iSTFT head. A stage-7 unit vocoder
+    (``VocoderConfig.generator`` "vocos") with ``UnitVocoder``'s contract: ``forward``, ``stream``,
+    ``receptive_units``, ``remove_weight_norm``."""
+
+    def __init__(self, num_units: int, config: VocoderConfig) -> None:
+        super().__init__(num_units, config)
+        c = config
+        self.frames_per_unit = c.hop // c.istft_hop
+        self.vocos = VocosGenerator(VocosConfig(
+            in_channels=self.in_dim, dim=c.vocos_dim, intermediate_dim=c.vocos_intermediate_dim,
+            num_layers=c.vocos_layers, sampling_rate=c.sample_rate, hop=c.istft_hop, n_fft=c.istft_n_fft,
+            audio_limit=1.0))
+
+    @property
+    def receptive_units(self) -> int:
+        """Units each side of an output sample that can change it: the input and depthwise convolutions' reach in
+        frames, plus the iSTFT window's, in units, rounded up, plus one."""
+        v = self.vocos.config
+        frames = (v.kernel_size // 2) * (v.num_layers + 1) + math.ceil(v.n_fft / (2 * v.hop))
+        return math.ceil(frames / self.frames_per_unit) + 1
+
+    def synthesise(self, x: Tensor) -> Tensor:
+        return self.vocos.decode(x.repeat_interleave(self.frames_per_unit, dim=-1))
+
+
+def unit_vocoder_class(config: VocoderConfig) -> type[UnitInput]:
+    """The unit vocoder of ``config.generator``: ``UnitVocoder`` (HiFi-GAN) or ``UnitVocos``."""
+    return UnitVocos if config.generator == "vocos" else UnitVocoder

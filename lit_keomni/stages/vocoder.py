@@ -10,6 +10,8 @@ rates × ``lr_decay`` after every epoch. ``trainer.global_step`` counts optimise
 Validation: log-mel L1 of whole held-out utterances (``val/mel_l1``; the sanity check reports it at the start), and
 audio and mel images in TensorBoard. Inputs: the unit source (``units_from``) and ``datamodules.vocoder`` pairs.
 Output: ``checkpoints/stage7/export`` (kind "vocoder", read by ``checkpoints.load_vocoder``).
+The generator is HiFi-GAN's (configs "tiny", "v1") or, with config "vocos-tiny" (``recipes/stage7_unit_vocos.yaml``),
+a Vocos one at the STFT frame rate (``nn.vocos.UnitVocos``); both take the same units and speak the same export.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from lit_keomni.distributed import apply_compile
 from lit_keomni.nn.hifigan import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
-    UnitVocoder,
+    UnitInput,
     VocoderConfig,
     VocoderMel,
     discriminator_loss,
     feature_loss,
     generator_loss,
 )
+from lit_keomni.nn.vocos import unit_vocoder_class
 from lit_keomni.training import Stage, add_mel_l1, log_audio_samples, log_val_mel_l1
 
 EXPORT_KIND = "vocoder"
@@ -60,8 +63,9 @@ class Vocoder(Stage):
     ) -> None:
         """
         Args:
-            config: ``VocoderConfig`` preset ("tiny" for CPU, "v1" = HiFi-GAN V1); sample and unit rates come from
-                the unit source.
+            config: ``VocoderConfig`` preset ("tiny" for CPU, "v1" = HiFi-GAN V1, "vocos-tiny" = the same unit
+                embedding into a Vocos generator, ``nn.vocos.UnitVocos``); sample and unit rates come from the unit
+                source.
             overrides: Field overrides of the preset, e.g. ``{upsample_initial_channel: 256}``.
             units_from: Unit source (stage-1 export or ``units`` export): number of units, unit rate, sample rate.
             speaker: Agent speaker this vocoder speaks as; None = the datamodule's ``speaker`` (they must agree).
@@ -82,7 +86,7 @@ class Vocoder(Stage):
             raise ValueError(f"model.config: unknown VocoderConfig preset {config!r}; known: {sorted(VocoderConfig.presets)}")
         self.vocoder_config: VocoderConfig | None = None  # built in configure_model, at the unit source's rates
         self.speaker = speaker
-        self.generator: UnitVocoder | None = None
+        self.generator: UnitInput | None = None
         self.units_meta: dict[str, Any] = {}
         self.init_mel_l1: float | None = None
         self._val = [0.0, 0.0]
@@ -95,7 +99,7 @@ class Vocoder(Stage):
         self.vocoder_config = VocoderConfig.from_name(
             self.hparams.config, **{**(self.hparams.overrides or {}), "sample_rate": self.units_meta["sample_rate"],
                                     "frame_rate": self.units_meta["frame_rate"]})
-        self.generator = UnitVocoder(self.units_meta["num_units"], self.vocoder_config)
+        self.generator = unit_vocoder_class(self.vocoder_config)(self.units_meta["num_units"], self.vocoder_config)
         self.mpd = MultiPeriodDiscriminator(self.vocoder_config)
         self.msd = MultiScaleDiscriminator(self.vocoder_config)
         self.mel = VocoderMel(self.vocoder_config.sample_rate)
