@@ -1,5 +1,5 @@
-"""GLM-4-Voice decoder speed: real-time factor of ``token2wav.Token2Wav`` (flow matching + HiFT) beside the stage-7 unit
-HiFi-GAN, on CPU (or CUDA).
+"""GLM-4-Voice decoder speed: real-time factor of ``token2wav.Token2Wav`` (flow matching + HiFT or Vocos) beside the
+stage-7 unit vocoders (HiFi-GAN, Vocos), on CPU (or CUDA).
 
     python benchmarks/flow_decoder.py [--configs tiny glm-4-voice-decoder --seconds 10 --steps 10 5 --repeats 3 --threads N]
 
@@ -7,10 +7,11 @@ Random weights (speed does not depend on them), weight norm folded in as the loa
 Real-time factor (RTF) = synthesis wall seconds / audio seconds (median over ``--repeats`` after one warm-up); below 1
 is faster than real time. Rows, each with the load average beside it (the machine may be shared):
 - the flow decoder with ``--steps`` ODE steps (Euler, classifier-free guidance 0.7: two estimator passes per step),
-  its mel vocoder (HiFT) alone, and the whole decoder offline and streamed (blocks 25, 50, 100, ... as web_demo);
+  each mel vocoder (HiFT, Vocos) alone, and the whole decoder offline (with either) and streamed (HiFT; blocks 25,
+  50, 100, ... as web_demo);
 - the reference beside them: the stage-7 unit HiFi-GAN of the same preset family ("tiny", or "v1" beside the
-  released decoder's sizes) on the same number of 12.5 Hz units, whole utterance; the ratio is decoder RTF / unit
-  vocoder RTF (how much dearer the paper's decoder is than KE-Omni's unit vocoder).
+  released decoder's sizes) on the same number of 12.5 Hz units, whole utterance, and the unit Vocos of that family
+  ("vocos-tiny", "vocos"); the ratio is RTF / unit HiFi-GAN RTF (how much dearer than KE-Omni's unit vocoder).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ from common import load_line, machine_line, timed  # noqa: E402
 from lit_keomni.nn.flow import FlowConfig, FlowDecoder  # noqa: E402
 from lit_keomni.nn.hifigan import UnitVocoder, VocoderConfig  # noqa: E402
 from lit_keomni.nn.hift import HiFTConfig, HiFTGenerator  # noqa: E402
+from lit_keomni.nn.vocos import UnitVocos, VocosConfig, VocosGenerator  # noqa: E402
 from lit_keomni.token2wav import BLOCKS, Token2Wav  # noqa: E402
 
 UNIT_VOCODER = {"tiny": "tiny", "glm-4-voice-decoder": "v1"}
 """The unit HiFi-GAN preset benchmarked beside each decoder preset."""
+UNIT_VOCOS = {"tiny": "vocos-tiny", "glm-4-voice-decoder": "vocos"}
+"""The unit Vocos preset (``VocoderConfig``) beside each decoder preset."""
+VOCOS = {"tiny": "vocos-tiny", "glm-4-voice-decoder": "vocos"}
+"""The Vocos mel vocoder preset (``VocosConfig``) beside each decoder preset's HiFT."""
 
 
 def streamed(t2w: Token2Wav, tokens: list[int]) -> list[torch.Tensor]:
@@ -72,16 +78,25 @@ def main() -> None:
             unit_rtf = timed(lambda: unit(torch.tensor([tokens], device=device)), a.repeats, device) / unit_s
             print(f"{name:<20} {params(unit):>7} {'unit HiFi-GAN (' + UNIT_VOCODER[name] + ')':<28} {unit_rtf:>8.4f} "
                   f"{unit_rtf:>14.4f} {1.0:>7.2f}x  {load_line()}")
+            units = torch.tensor([tokens], device=device)
+            uvocos = UnitVocos(flow.config.vocab_size, VocoderConfig.from_name(UNIT_VOCOS[name])).eval().to(device)
+            rtf = timed(lambda: uvocos(units), a.repeats, device) / unit_s
+            print(f"{name:<20} {params(uvocos):>7} {'unit Vocos (' + UNIT_VOCOS[name] + ')':<28} {rtf:>8.4f} "
+                  f"{unit_rtf:>14.4f} {rtf / unit_rtf:>7.2f}x  {load_line()}")
+            vocos = VocosGenerator(VocosConfig.from_name(VOCOS[name])).eval().to(device)
             for steps in a.steps:
                 t2w = Token2Wav(flow, hift, n_timesteps=steps)
+                t2w_vocos = Token2Wav(flow, vocos, n_timesteps=steps)
                 audio_s = t2w.frames(n) * t2w.hop / t2w.sample_rate
                 mel = t2w.mel(tokens)
                 rows = [(f"flow, {steps} ODE steps", lambda: t2w.mel(tokens), params(flow)),
                         ("HiFT vocoder", lambda: t2w.vocode(mel), params(hift)),
+                        ("Vocos vocoder", lambda: t2w_vocos.vocode(mel), params(vocos)),
                         (f"decoder offline ({steps} steps)", lambda: t2w.offline(tokens), params(flow, hift)),
+                        (f"  with Vocos ({steps} steps)", lambda: t2w_vocos.offline(tokens), params(flow, vocos)),
                         (f"decoder streamed ({steps} steps)", lambda: streamed(t2w, tokens), params(flow, hift))]
                 if steps != a.steps[0]:
-                    rows = [r for r in rows if not r[0].startswith("HiFT")]
+                    rows = [r for r in rows if not r[0].endswith(" vocoder")]
                 for what, fn, size in rows:
                     rtf = timed(fn, a.repeats, device) / audio_s
                     print(f"{name:<20} {size:>7} {what:<28} {rtf:>8.4f} {unit_rtf:>14.4f} {rtf / unit_rtf:>7.1f}x  "

@@ -143,6 +143,45 @@ def test_prior_weight_trains_the_encoder_towards_the_mel(tmp_path, prepared, sta
     assert priors[1.0] < 0.5 * priors[0.0], priors
 
 
+class Parameters(L.Callback):
+    """The estimator's and the encoder's parameters after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.after: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flow = pl_module.flow
+        self.after.append(tuple(torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+                                for m in (flow.estimator, flow.encoder)))
+
+
+def test_prior_steps_train_the_encoder_alone_first(tmp_path, prepared, stage1_export, speech_tokens, pairs):
+    """``prior_steps``: the first steps move the encoder (on the encoder loss, ``FlowDecoder.prior_loss``) and leave
+    the estimator exactly as initialised (no gradient, no weight decay); the steps after move both."""
+    data = datamodule(prepared, stage1_export, speech_tokens, pairs)
+    params = Parameters()
+    model, _, losses = fit(tmp_path, stage1_export, data, 5, prior_steps=3, prior_weight=1.0, callbacks=[params])
+    L.seed_everything(11)
+    start = SpeechFlowDecoder(config="tiny", overrides=FLOW_TINY, units_from=str(stage1_export))
+    start.configure_model()
+    est0 = torch.cat([p.detach().flatten() for p in start.flow.estimator.parameters()])
+    enc0 = torch.cat([p.detach().flatten() for p in start.flow.encoder.parameters()])
+    estimators, encoders = zip(*params.after)
+    assert all(torch.equal(e, est0) for e in estimators[:3]) and not torch.equal(estimators[3], est0)
+    assert not torch.equal(encoders[0], enc0) and not torch.equal(encoders[3], encoders[2])
+    # a prior step's loss is the encoder loss of FlowDecoder.loss, without its flow-matching term
+    batch = next(iter(data.train_dataloader()))
+    mel = batch["mel"].transpose(1, 2)
+    flow = model.flow.eval()
+    with torch.no_grad():
+        full = flow.loss(batch["codes"], batch["codes_lengths"], mel, batch["mel_lengths"])
+        prior = flow.prior_loss(batch["codes"], batch["codes_lengths"], mel, batch["mel_lengths"])
+    torch.testing.assert_close(prior, full["prior"])
+    assert len(losses) == 5 and losses[0] > losses[2]
+    with pytest.raises(ValueError, match="model.prior_steps: must be >= 0"):
+        SpeechFlowDecoder(prior_steps=-1)
+
+
 class StopAt(L.Callback):
     """Interrupts a run after ``step`` optimiser steps (its learning-rate schedule still planned for max_steps)."""
 
@@ -333,4 +372,4 @@ def test_cpu_recipe_trains_one_voice_with_the_encoder_loss(capsys, monkeypatch):
     cfg = printed(ROOT / "recipes" / "stage7_flow.yaml", capsys, monkeypatch)
     m, d, t = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
     assert d["speaker"] == "agentFemale" and m["prior_weight"] == 1.0 and m["config"] == "tiny"
-    assert t["max_time"] == "00:00:30:00" and t["max_steps"] == 7500
+    assert t["max_time"] == "00:00:30:00" and t["max_steps"] == 16000 and m["prior_steps"] == 10000

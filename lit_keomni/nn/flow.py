@@ -515,16 +515,10 @@ class FlowDecoder(nn.Module):
         it), "t", "prompt_frames", "keep".
         """
         c = self.config
-        if mel.dim() != 3 or mel.shape[1] != c.n_mels:
-            raise ValueError(f"FlowDecoder.loss: mel must be (B, n_mels={c.n_mels}, F), got {tuple(mel.shape)}")
         B, device = tokens.shape[0], mel.device
-        mel_lengths = mel_lengths.to(device)
-        n = int(mel_lengths.max())
-        if mel.shape[-1] < n:
-            raise ValueError(f"FlowDecoder.loss: mel has {mel.shape[-1]} frames, mel_lengths asks for {n}")
-        x1 = mel[..., :n]
+        x1, mask, mel_lengths = self._target(mel, mel_lengths, "loss")
+        n = x1.shape[-1]
         mu = self.condition(tokens, token_lengths, mel_lengths)
-        mask = lengths_to_mask(mel_lengths, n)[:, None].to(x1.dtype)
         spks = self.speaker_condition(speaker, B)
 
         def uniform() -> Tensor:
@@ -555,6 +549,25 @@ class FlowDecoder(nn.Module):
         loss = ((pred - u) * mask).pow(2).sum() / denom
         prior = ((mu - x1) * mask).pow(2).sum() / denom
         return {"loss": loss, "prior": prior, "t": t, "prompt_frames": prompt_frames, "keep": keep}
+
+    def prior_loss(self, tokens: Tensor, token_lengths: Tensor, mel: Tensor, mel_lengths: Tensor) -> Tensor:
+        """The encoder loss alone ("prior" of ``loss``: MSE of ``mu`` against the mel over real frames and bins),
+        without running the estimator: a warm start for the encoder and length regulator."""
+        x1, mask, mel_lengths = self._target(mel, mel_lengths, "prior_loss")
+        mu = self.condition(tokens, token_lengths, mel_lengths)
+        return ((mu - x1) * mask).pow(2).sum() / (mask.sum() * self.config.n_mels)
+
+    def _target(self, mel: Tensor, mel_lengths: Tensor, caller: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The checked target mel cut to max(mel_lengths), its (B, 1, F) frame mask and the lengths on its device."""
+        c = self.config
+        if mel.dim() != 3 or mel.shape[1] != c.n_mels:
+            raise ValueError(f"FlowDecoder.{caller}: mel must be (B, n_mels={c.n_mels}, F), got {tuple(mel.shape)}")
+        mel_lengths = mel_lengths.to(mel.device)
+        n = int(mel_lengths.max())
+        if mel.shape[-1] < n:
+            raise ValueError(f"FlowDecoder.{caller}: mel has {mel.shape[-1]} frames, mel_lengths asks for {n}")
+        x1 = mel[..., :n]
+        return x1, lengths_to_mask(mel_lengths, n)[:, None].to(x1.dtype), mel_lengths
 
     @torch.no_grad()
     def sample(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,

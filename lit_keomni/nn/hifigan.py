@@ -99,12 +99,12 @@ class VocoderConfig(_Registered):
     generator: str = "hifigan"
     """The generator behind the unit embedding: "hifigan" (upsampling convolutions, the fields above) or "vocos"
     (``nn.vocos.UnitVocos``: ConvNeXt blocks at ``istft_hop`` frames and an iSTFT head, the fields below)."""
-    vocos_dim: int = 192
-    """"vocos": width of the ConvNeXt blocks."""
-    vocos_intermediate_dim: int = 576
-    """"vocos": hidden size of every block's pointwise MLP."""
-    vocos_layers: int = 6
-    """"vocos": ConvNeXt blocks."""
+    vocos_dim: int = 512
+    """"vocos": width of the ConvNeXt blocks (the published Vocos: 512)."""
+    vocos_intermediate_dim: int = 1536
+    """"vocos": hidden size of every block's pointwise MLP (1,536)."""
+    vocos_layers: int = 8
+    """"vocos": ConvNeXt blocks (8)."""
     istft_hop: int = 256
     """"vocos": output samples per STFT frame; must divide the unit hop (1280 / 256 = 5 frames per unit)."""
     istft_n_fft: int = 1024
@@ -116,8 +116,10 @@ class VocoderConfig(_Registered):
                  "resblock_dilation_sizes": ((1, 3, 5),), "mpd_channels": (4, 8, 16, 16, 16),
                  "msd_channels": (4, 8, 16, 16, 16, 16, 16)},
         # the same unit embedding and discriminators as "tiny", a Vocos generator (nn.vocos.UnitVocos)
-        "vocos-tiny": {"unit_dim": 64, "generator": "vocos", "mpd_channels": (4, 8, 16, 16, 16),
-                       "msd_channels": (4, 8, 16, 16, 16, 16, 16)},
+        "vocos-tiny": {"unit_dim": 64, "generator": "vocos", "vocos_dim": 192, "vocos_intermediate_dim": 576,
+                       "vocos_layers": 6, "mpd_channels": (4, 8, 16, 16, 16), "msd_channels": (4, 8, 16, 16, 16, 16, 16)},
+        # the published Vocos generator behind V1's unit embedding and discriminators
+        "vocos": {"generator": "vocos"},
     }
 
     def __post_init__(self) -> None:

@@ -65,6 +65,7 @@ class SpeechFlowDecoder(Stage):
         min_lr_ratio: float = 0.1,
         decay: str = "cosine",
         prior_weight: float = 0.0,
+        prior_steps: int = 0,
         val_samples: int = 4,
         val_n_timesteps: int = 10,
         val_cfg_rate: float | None = None,
@@ -89,6 +90,10 @@ class SpeechFlowDecoder(Stage):
             prior_weight: Weight of the encoder loss (``mu`` against the target mel, as Grad-TTS and Matcha-TTS train
                 their encoders) added to the flow-matching loss. 0 = GLM-4-Voice / CosyVoice (the paper recipe); on
                 a CPU budget it makes ``mu`` a coarse mel early, which the estimator then only refines.
+            prior_steps: The first this many optimiser steps train the token encoder and length regulator alone on
+                the encoder loss (``FlowDecoder.prior_loss``; the estimator is not run, so a step costs about a fifth
+                of a flow step); then the flow loss (plus ``prior_weight`` times the encoder loss) trains everything.
+                0 = the paper recipe.
             val_samples: Validation utterances (per rank) whose mel is sampled: ``val/mel_l1``, images, audio, CER.
             val_n_timesteps: ODE steps of those samples (the reference: 10).
             val_cfg_rate: Guidance weight of those samples; None = the config's ``inference_cfg_rate`` (0.7).
@@ -105,6 +110,8 @@ class SpeechFlowDecoder(Stage):
         self.save_hyperparameters()
         if config not in FlowConfig.presets:
             raise ValueError(f"model.config: unknown FlowConfig preset {config!r}; known: {sorted(FlowConfig.presets)}")
+        if prior_steps < 0:
+            raise ValueError(f"model.prior_steps: must be >= 0, got {prior_steps}")
         if asr_from and not mel_vocoder:
             raise ValueError("model.asr_from needs model.mel_vocoder: the resynthesis CER transcribes vocoded audio")
         self.flow_config: FlowConfig | None = None
@@ -196,17 +203,24 @@ class SpeechFlowDecoder(Stage):
         """The seed of this step's draws on this rank."""
         return (self.noise_seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % 2**63
 
-    def _loss(self, batch: dict[str, Any], seed: int) -> dict[str, Tensor]:
+    def _loss(self, batch: dict[str, Any], seed: int, prior_only: bool = False) -> dict[str, Tensor]:
+        """``FlowDecoder.loss`` of the batch with its draws from ``seed`` (or only its encoder loss, "prior")."""
         mel = batch["mel"].transpose(1, 2)  # (B, F, n_mels) -> (B, n_mels, F)
-        g = torch.Generator(device=mel.device).manual_seed(seed)
+        args = (batch["codes"], batch["codes_lengths"], mel, batch["mel_lengths"])
         devices = [mel.device] if mel.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # dropout
-            return self.model("loss", batch["codes"], batch["codes_lengths"], mel, batch["mel_lengths"], generator=g)
+            if prior_only:
+                return {"prior": self.model("prior_loss", *args)}
+            return self.model("loss", *args, generator=torch.Generator(device=mel.device).manual_seed(seed))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self._loss(batch, self._seed())
         b = batch["codes"].shape[0]
+        if self.global_step < self.hparams.prior_steps:
+            prior = self._loss(batch, self._seed(), prior_only=True)["prior"]
+            self.log("train/prior", prior, batch_size=b)
+            return prior
+        out = self._loss(batch, self._seed())
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
         self.log("train/prior", out["prior"], batch_size=b)
         self.log("train/t", out["t"].mean(), batch_size=b)
