@@ -34,7 +34,6 @@ from lit_keomni.training import Stage, gather_lists
 
 VAL_SEED = 0
 """Seed of validation's loss draws and of the sampled mels' noise: the same figures for the same weights."""
-ASR_RATE = 16_000
 
 
 class FlowModel(nn.Module):
@@ -283,10 +282,10 @@ class SpeechFlowDecoder(Stage):
         if float(sums[3]):
             metrics["val/mel_l1"] = float(sums[2] / sums[3])
         if self._asr:
-            from lit_keomni.audio import resample
+            from lit_keomni.audio import SAMPLE_RATE, resample
 
             asr = self._asr[0]
-            hyps = {key: asr([torch.from_numpy(resample(w.numpy(), self.flow_config.sample_rate, ASR_RATE))
+            hyps = {key: asr([torch.from_numpy(resample(w.numpy(), self.flow_config.sample_rate, SAMPLE_RATE))
                               for w in v[key]])[0] if v[key] else [] for key in ("resynth", "orig")}
             lists = gather_lists({"refs": v["refs"], "langs": v["langs"], **hyps})
             if lists["refs"]:
