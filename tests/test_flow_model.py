@@ -222,6 +222,32 @@ def test_classifier_free_guidance():
     torch.testing.assert_close(out, x0 + 0.5 * x0 + mu)
 
 
+def test_shallow_start_begins_on_the_path_from_mu():
+    """``start`` t0 (or the config's ``inference_start``): the ODE starts at (1 - (1 - sigma) t0) x0 + t0 mu and
+    integrates the grid rescaled to [t0, 1]; one Euler step of the Recorder's field 0.5 x + mu is computed by hand."""
+    model = small(sigma_min=0.01)
+    model.estimator = Recorder()
+    mu, mask = torch.randn(1, 8, 10), torch.ones(1, 1, 10)
+    spks, cond, x0 = torch.randn(1, 8), torch.zeros(1, 8, 10), torch.randn(1, 8, 10)
+    t0 = 0.6
+    xs = (1 - 0.99 * t0) * x0 + t0 * mu
+    out = model.sample(mu, mask, spks, cond, n_timesteps=1, cfg_rate=0.0, noise=x0, start=t0)
+    torch.testing.assert_close(model.estimator.seen["t"], torch.tensor(t0))
+    torch.testing.assert_close(out, xs + (1 - t0) * (0.5 * xs + mu))
+    model.config.inference_start = t0  # the config's default gives the same
+    torch.testing.assert_close(model.sample(mu, mask, spks, cond, n_timesteps=1, cfg_rate=0.0, noise=x0), out)
+    with pytest.raises(ValueError, match=r"start must lie in \[0, 1\), got 1.0"):
+        model.sample(mu, mask, spks, cond, noise=x0, start=1.0)
+    # temperature 0 (the config's inference_temperature): no noise, the start is t0 mu itself
+    model.config.inference_temperature = 0.0
+    out = model.sample(mu, mask, spks, cond, n_timesteps=1, cfg_rate=0.0, noise=x0)
+    torch.testing.assert_close(out, t0 * mu + (1 - t0) * (0.5 * t0 * mu + mu))
+    with pytest.raises(ValueError, match="field 'inference_start' is -0.1"):
+        FlowConfig(inference_start=-0.1)
+    with pytest.raises(ValueError, match="field 'inference_temperature' is -1"):
+        FlowConfig(inference_temperature=-1)
+
+
 def test_block_causal_mask_and_prefix_encoding():
     """The reference's grid mask (block_mask_util's example), and a prefix of whole blocks encodes as inside the
     whole utterance: later tokens never change earlier blocks."""

@@ -305,6 +305,12 @@ def test_release_writes_the_released_decoder_layout_back(tmp_path, capsys):
     tokens = torch.randint(0, 40, (23,))
     torch.testing.assert_close(load_token2wav(back, n_timesteps=2).offline(tokens),
                                load_token2wav(folder, n_timesteps=2).offline(tokens))
+    # a flow that samples from a start time the released sampler lacks is refused, naming the field
+    meta = json.loads((export / "config.json").read_text())
+    meta["config"]["inference_start"] = 0.5
+    (export / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=r"field 'inference_start' is 0.5; set it to 0 in"):
+        cli(["release", str(export), "--out", str(tmp_path / "shallow")])
     # a decoder without its HiFT cannot make a released folder: one error naming the missing folder
     shutil.rmtree(export / "mel_vocoder")
     with pytest.raises(SystemExit, match=r"mel_vocoder: missing; a released decoder folder holds the HiFT too"):
@@ -372,4 +378,5 @@ def test_cpu_recipe_trains_one_voice_with_the_encoder_loss(capsys, monkeypatch):
     cfg = printed(ROOT / "recipes" / "stage7_flow.yaml", capsys, monkeypatch)
     m, d, t = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
     assert d["speaker"] == "agentFemale" and m["prior_weight"] == 1.0 and m["config"] == "tiny"
+    assert m["overrides"] == {"inference_start": 0.5, "inference_temperature": 0.0}
     assert t["max_time"] == "00:00:30:00" and t["max_steps"] == 16000 and m["prior_steps"] == 10000

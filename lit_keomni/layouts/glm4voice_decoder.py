@@ -376,6 +376,11 @@ def released_config_yaml(flow: FlowConfig, hift: Any) -> str:
                          f"sample_rate {flow.sample_rate} / {hift.sampling_rate} and hop_length {flow.hop_length}")
     if flow.n_mels != hift.in_channels:
         raise ValueError(f"the flow writes {flow.n_mels}-bin mels but the HiFT reads {hift.in_channels}")
+    for field, released in (("inference_start", 0.0), ("inference_temperature", 1.0)):
+        if getattr(flow, field) != released:
+            raise ValueError(f"the released decoder's sampler starts from unit noise (flow_inference.py has no start "
+                             f"time or temperature), but this flow's config field '{field}' is {getattr(flow, field)}; "
+                             f"set it to {released:g} in the export's config.json to release it")
     n = flow.n_mels
     return f"""# set random seed, so that you may reproduce your result.
 __set_seed1: !apply:random.seed [1986]

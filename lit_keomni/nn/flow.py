@@ -106,6 +106,13 @@ class FlowConfig(_Registered):
     """Training: the chance that all conditions of an utterance are dropped (classifier-free guidance)."""
     inference_cfg_rate: float = 0.7
     """Guidance weight w of ``inference`` by default: (1 + w) v(cond) - w v(no cond)."""
+    inference_temperature: float = 1.0
+    """Scale of the starting noise of ``inference`` by default (Grad-TTS / Matcha-TTS's temperature; 0 = no noise,
+    a deterministic ODE, sensible only with ``inference_start`` > 0)."""
+    inference_start: float = 0.0
+    """Flow time the ODE starts from: 0 = from noise (the released model); t0 > 0 starts at the path's point
+    (1 - (1 - sigma_min) t0) · noise + t0 · mu, taking the encoder's ``mu`` as the estimate of the mel, and integrates
+    from t0 to 1 (DiffSinger's shallow diffusion): for an encoder trained with the encoder loss (``prior_weight``)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # 2 CPU cores: 512 stage-1 codes at 12.5 Hz into 80-bin mels at 22,050 Hz / hop 256.
@@ -138,10 +145,12 @@ class FlowConfig(_Registered):
                              f"multiples of 8 (GroupNorm with 8 groups)")
         if self.regulator_layers < 0 or self.estimator_mid_levels < 0:
             raise ValueError(f"{name}: fields 'regulator_layers' and 'estimator_mid_levels' must be >= 0")
+        if self.inference_temperature < 0:
+            raise ValueError(f"{name}: field 'inference_temperature' is {self.inference_temperature}, must be >= 0")
         if self.t_scheduler not in ("cosine", "linear"):
             raise ValueError(f"{name}: field 't_scheduler' is {self.t_scheduler!r}; must be 'cosine' or 'linear'")
         for field in ("training_cfg_rate", "encoder_dropout", "positional_dropout", "attention_dropout",
-                      "estimator_dropout"):
+                      "estimator_dropout", "inference_start"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"{name}: field '{field}' is {getattr(self, field)}, must lie in [0, 1)")
 
@@ -571,17 +580,27 @@ class FlowDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
-               cfg_rate: float | None = None, solver: str = "euler", temperature: float = 1.0,
-               noise: Tensor | None = None) -> Tensor:
+               cfg_rate: float | None = None, solver: str = "euler", temperature: float | None = None,
+               noise: Tensor | None = None, start: float | None = None) -> Tensor:
         """Mel (B, n_mels, F) from noise by the flow ODE over ``n_timesteps`` steps of the time grid; ``noise`` x0 is
-        scaled by ``temperature`` (None: drawn with seed ``INFERENCE_SEED``); ``cfg_rate`` None = the config's."""
-        rate = self.config.inference_cfg_rate if cfg_rate is None else cfg_rate
+        scaled by ``temperature`` (None = the config's ``inference_temperature``; ``noise`` None: drawn with seed
+        ``INFERENCE_SEED``); ``cfg_rate`` None = the config's;
+        ``start`` (None = the config's ``inference_start``) > 0 starts at that flow time from noise and ``mu``, the
+        grid rescaled to [start, 1]."""
+        c = self.config
+        rate = c.inference_cfg_rate if cfg_rate is None else cfg_rate
+        t0 = c.inference_start if start is None else float(start)
+        if not 0.0 <= t0 < 1.0:
+            raise ValueError(f"FlowDecoder: start must lie in [0, 1), got {t0}")
+        temperature = c.inference_temperature if temperature is None else temperature
         if noise is None:
             g = torch.Generator(device=mu.device).manual_seed(INFERENCE_SEED)
             noise = torch.randn(mu.shape, generator=g, device=mu.device, dtype=mu.dtype)
         if noise.shape != mu.shape:
             raise ValueError(f"FlowDecoder: noise must have mu's shape {tuple(mu.shape)}, got {tuple(noise.shape)}")
         x0 = noise.to(mu) * temperature
+        if t0 > 0:
+            x0 = (1 - (1 - c.sigma_min) * t0) * x0 + t0 * mu
 
         def field(x: Tensor, t: Tensor) -> Tensor:
             if rate <= 0:
@@ -593,19 +612,21 @@ class FlowDecoder(nn.Module):
                                   doubled(cond))
             return classifier_free_guidance(*both.chunk(2), rate)
 
-        return ode_solve(field, x0, time_grid(n_timesteps, self.config.t_scheduler, mu.device), solver)
+        grid = time_grid(n_timesteps, c.t_scheduler, mu.device)
+        return ode_solve(field, x0, t0 + (1 - t0) * grid if t0 > 0 else grid, solver)
 
     @torch.no_grad()
     def inference(self, tokens: Tensor, token_lengths: Tensor | None = None, prompt_tokens: Tensor | None = None,
                   prompt_mel: Tensor | None = None, speaker: Tensor | None = None, n_timesteps: int = 10,
-                  cfg_rate: float | None = None, solver: str = "euler", temperature: float = 1.0,
-                  noise: Tensor | None = None) -> Tensor:
+                  cfg_rate: float | None = None, solver: str = "euler", temperature: float | None = None,
+                  noise: Tensor | None = None, start: float | None = None) -> Tensor:
         """Mel (B, n_mels, F) of ``tokens`` (B, T), F = mel_frames(prompt + tokens) - prompt frames.
 
         ``prompt_tokens`` (B, P) and ``prompt_mel`` (B, n_mels, F_p) are the already spoken context (a previous
         chunk, or a voice prompt): the tokens are encoded after them, the prompt mel conditions the first F_p frames
         and those frames are dropped from the output. Frames past a row's count are zero. ``noise`` (B, n_mels,
-        mel_frames(P + T)) replaces the seeded draw; ``cfg_rate`` None = the config's ``inference_cfg_rate``.
+        mel_frames(P + T)) replaces the seeded draw; ``cfg_rate`` None = the config's ``inference_cfg_rate``; ``start``
+        None = its ``inference_start`` (``sample``).
         """
         B, device = tokens.shape[0], tokens.device
         if token_lengths is None:
@@ -629,5 +650,5 @@ class FlowDecoder(nn.Module):
                                  f"F_p <= {n}), got {tuple(prompt_mel.shape)}")
             cond[..., :skip] = prompt_mel.to(mu)
         mel = self.sample(mu, mask, self.speaker_condition(speaker, B), cond, n_timesteps, cfg_rate, solver,
-                          temperature, noise)
+                          temperature, noise, start)
         return (mel * mask)[..., skip:]
