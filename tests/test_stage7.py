@@ -214,3 +214,21 @@ def test_recipe_stage7_unit_vocos(capsys, monkeypatch):
     m, d = cfg["model"]["init_args"], cfg["data"]["init_args"]
     assert m["config"] == "vocos-tiny" and d["speaker"] == "agentFemale"
     assert VocoderConfig.from_name(m["config"]).generator == "vocos"
+
+
+def test_chat_unit_stream_speaks_through_the_unit_vocos():
+    """``chat``'s incremental vocoding (units arriving in pieces) with the Vocos generator: with a look-ahead of its
+    receptive field the streamed audio equals one synthesis of all units."""
+    from lit_keomni.chat.streaming import UnitStream
+
+    torch.manual_seed(0)
+    vocoder = UnitVocos(16, VocoderConfig.from_name("vocos-tiny", **VOCOS_SIZES)).eval()
+    for p in vocoder.parameters():
+        p.data.normal_(0, 0.3)
+    units = torch.randint(0, 16, (30,)).tolist()
+    stream = UnitStream(vocoder, block=4, lookahead=vocoder.receptive_units)
+    for i in range(0, 30, 7):
+        stream.push(units[i: i + 7])
+    stream.flush()
+    with torch.no_grad():
+        torch.testing.assert_close(stream.audio(), vocoder(torch.tensor([units]))[0], atol=1e-5, rtol=1e-4)
