@@ -409,6 +409,11 @@ class Estimator(nn.Module):
         return self.final_proj(x * m) * mask
 
 
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error of (B, C, F) tensors over the frames where the (B, 1, F) ``mask`` is 1 and every channel."""
+    return ((pred - target) * mask).pow(2).sum() / (mask.sum() * pred.shape[1])
+
+
 # --------------------------------------------------------------------------------------------------------- sampling
 
 
@@ -554,9 +559,7 @@ class FlowDecoder(nn.Module):
         u = x1 - (1 - c.sigma_min) * noise
         k = keep.to(x1)
         pred = self.estimator(y, mask, mu * k[:, None, None], t, spks * k[:, None], cond * k[:, None, None])
-        denom = mask.sum() * c.n_mels
-        loss = ((pred - u) * mask).pow(2).sum() / denom
-        prior = ((mu - x1) * mask).pow(2).sum() / denom
+        loss, prior = masked_mse(pred, u, mask), masked_mse(mu, x1, mask)
         return {"loss": loss, "prior": prior, "t": t, "prompt_frames": prompt_frames, "keep": keep}
 
     def prior_loss(self, tokens: Tensor, token_lengths: Tensor, mel: Tensor, mel_lengths: Tensor) -> Tensor:
@@ -564,7 +567,7 @@ class FlowDecoder(nn.Module):
         without running the estimator: a warm start for the encoder and length regulator."""
         x1, mask, mel_lengths = self._target(mel, mel_lengths, "prior_loss")
         mu = self.condition(tokens, token_lengths, mel_lengths)
-        return ((mu - x1) * mask).pow(2).sum() / (mask.sum() * self.config.n_mels)
+        return masked_mse(mu, x1, mask)
 
     def _target(self, mel: Tensor, mel_lengths: Tensor, caller: str) -> tuple[Tensor, Tensor, Tensor]:
         """The checked target mel cut to max(mel_lengths), its (B, 1, F) frame mask and the lengths on its device."""
@@ -599,8 +602,7 @@ class FlowDecoder(nn.Module):
         if noise.shape != mu.shape:
             raise ValueError(f"FlowDecoder: noise must have mu's shape {tuple(mu.shape)}, got {tuple(noise.shape)}")
         x0 = noise.to(mu) * temperature
-        if t0 > 0:
-            x0 = (1 - (1 - c.sigma_min) * t0) * x0 + t0 * mu
+        x0 = (1 - (1 - c.sigma_min) * t0) * x0 + t0 * mu  # t0 = 0: the noise itself
 
         def field(x: Tensor, t: Tensor) -> Tensor:
             if rate <= 0:
@@ -612,8 +614,7 @@ class FlowDecoder(nn.Module):
                                   doubled(cond))
             return classifier_free_guidance(*both.chunk(2), rate)
 
-        grid = time_grid(n_timesteps, c.t_scheduler, mu.device)
-        return ode_solve(field, x0, t0 + (1 - t0) * grid if t0 > 0 else grid, solver)
+        return ode_solve(field, x0, t0 + (1 - t0) * time_grid(n_timesteps, c.t_scheduler, mu.device), solver)
 
     @torch.no_grad()
     def inference(self, tokens: Tensor, token_lengths: Tensor | None = None, prompt_tokens: Tensor | None = None,

@@ -13,6 +13,7 @@ Presets: "v1" (HiFi-GAN V1 sizes) and "tiny" (CPU).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ class ResBlock(nn.Module):
         return x
 
 
-class UnitInput(nn.Module):
+class UnitInput(nn.Module, abc.ABC):
     """What every unit vocoder shares: the unit (and speaker) embedding at the unit rate, ``stream`` and the rates.
     A subclass builds its generator on ``in_dim`` input channels and defines ``synthesise`` and ``receptive_units``."""
 
@@ -194,12 +195,13 @@ class UnitInput(nn.Module):
             self.in_dim += c.speaker_dim
 
     @property
+    @abc.abstractmethod
     def receptive_units(self) -> int:
-        raise NotImplementedError
+        """Units each side of an output sample that can change it: the context ``stream`` needs for exact chunks."""
 
+    @abc.abstractmethod
     def synthesise(self, x: Tensor) -> Tensor:
         """Embedded units (B, in_dim, F) -> waveform (B, F·hop)."""
-        raise NotImplementedError
 
     def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
         """Waveform (B, F·hop) of ``units`` (B, F) long; ``speaker`` (B,) long with a speaker embedding."""
